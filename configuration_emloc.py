@@ -1,0 +1,66 @@
+# Copyright 2026 The emloc authors. Licensed under the Apache License, Version 2.0.
+"""Emloc configuration: the base model's config plus the defaults of task-memory compression."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+
+
+class EmlocConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`EmlocForConditionalGeneration`]: a base causal or vision-language model that answers
+    queries from a compressed task memory (EMLoC, Ma et al., ICML 2025, arXiv 2505.19812).
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            Config of the wrapped base model (Llama-family, Gemma 3 text, Qwen2-VL, Qwen2.5-VL, ...).
+        delta (`float`, *optional*, defaults to 0.005):
+            Jensen-Shannon bound a layer's pruning must meet on the probe (paper, Eq. 5).
+        ratios (`list[float]`, *optional*, defaults to `[0.1, 0.2, 0.5]`):
+            Candidate keep ratios, tried in ascending order for every layer.
+        chunk_size (`int`, *optional*, defaults to 4):
+            Demonstrations per chunk.
+        probe (`str`, *optional*, defaults to `"self"`):
+            `"self"` probes a chunk with its own demonstrations (as the paper), `"heldout"` with others.
+        pool_width (`int`, *optional*, defaults to 5):
+            Width of the average pool that smooths token importance along the sequence.
+    """
+
+    model_type = "emloc"
+    sub_configs = {"base_config": AutoConfig}
+
+    def __init__(
+        self,
+        base_config: PreTrainedConfig | dict | None = None,
+        delta: float = 0.005,
+        ratios: list[float] | tuple[float, ...] = (0.1, 0.2, 0.5),
+        chunk_size: int = 4,
+        probe: str = "self",
+        pool_width: int = 5,
+        **kwargs,
+    ):
+        if isinstance(base_config, dict):
+            base_config = dict(base_config)
+            base_config = AutoConfig.for_model(base_config.pop("model_type"), **base_config)
+        self.base_config = base_config
+        self.delta = float(delta)
+        self.ratios = [float(r) for r in ratios]
+        self.chunk_size = int(chunk_size)
+        self.probe = probe
+        self.pool_width = int(pool_width)
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def text_config(self) -> PreTrainedConfig:
+        """The config of the base model's language model (the base config itself for text models)."""
+        if self.base_config is None:
+            raise ValueError("EmlocConfig has no base_config.")
+        return self.base_config.get_text_config()
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.base_config is not None and hasattr(self.base_config, "vision_config")
+
+
+__all__ = ["EmlocConfig"]

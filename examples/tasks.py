@@ -1,0 +1,118 @@
+"""Few-shot classification tasks from real data bundled with installed packages (scikit-learn), in the demonstration
+format of design §6.
+
+Each task turns a table into questions with a fixed answer set: a demonstration is
+`{"id": ..., "question": "...", "answer": "setosa", "choices": ["setosa", "versicolor", "virginica"]}`.
+Splits are deterministic (a seeded shuffle, classes interleaved) so every run sees the same demonstrations and queries.
+
+    python examples/tasks.py iris OUTDIR --demos 90 --queries 40     # writes OUTDIR/demos.jsonl, OUTDIR/queries.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def _iris():
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    names = ["sepal length", "sepal width", "petal length", "petal width"]
+    rows = [", ".join(f"{n}: {v:.1f} cm" for n, v in zip(names, x)) for x in data.data]
+    return rows, [data.target_names[t] for t in data.target], list(data.target_names), "Flower measurements"
+
+
+def _wine():
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    keep = ["alcohol", "flavanoids", "color_intensity", "proline", "od280/od315_of_diluted_wines", "hue"]
+    index = [data.feature_names.index(k) for k in keep]
+    rows = [", ".join(f"{data.feature_names[i].replace('_', ' ')}: {x[i]:.2f}" for i in index) for x in data.data]
+    labels = ["A", "B", "C"]
+    return rows, [labels[t] for t in data.target], labels, "Wine chemistry"
+
+
+def _breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    keep = ["mean radius", "mean texture", "mean concave points", "worst area", "worst concavity"]
+    index = [list(data.feature_names).index(k) for k in keep]
+    rows = [", ".join(f"{data.feature_names[i]}: {x[i]:.3g}" for i in index) for x in data.data]
+    labels = ["malignant", "benign"]
+    return rows, [labels[t] for t in data.target], labels, "Tumour measurements"
+
+
+def _digits_text():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    shades = " .:-=+*#%@"
+    rows = []
+    for image in data.images:
+        lines = ["".join(shades[min(9, int(v * 10 / 17))] for v in row) for row in image]
+        rows.append("\n".join(lines))
+    labels = [str(i) for i in range(10)]
+    return rows, [str(t) for t in data.target], labels, "An 8x8 digit drawn in characters"
+
+
+TASKS = {"iris": _iris, "wine": _wine, "breast_cancer": _breast_cancer, "digits_text": _digits_text}
+
+
+def make_task(name: str, num_demos: int, num_queries: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Demonstrations and held-out queries (disjoint) for task `name`, classes balanced by interleaving."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    rows, answers, labels, _ = TASKS[name]()
+    by_class: dict[str, list[int]] = {}
+    for index, answer in enumerate(answers):
+        by_class.setdefault(answer, []).append(index)
+    rng = random.Random(seed)
+    for indices in by_class.values():
+        rng.shuffle(indices)
+    order = []
+    while any(by_class.values()):
+        for label in labels:
+            if by_class.get(label):
+                order.append(by_class[label].pop())
+    if num_demos + num_queries > len(order):
+        raise ValueError(f"{name} has {len(order)} rows, asked for {num_demos} + {num_queries}")
+    # queries first (balanced), demonstrations after, each shuffled so labels do not follow a fixed cycle
+    query_rows, demo_rows = order[:num_queries], order[num_queries:num_queries + num_demos]
+    rng.shuffle(demo_rows)
+    rng.shuffle(query_rows)
+
+    # the row alone, its answer on the next line: SmolLM2-135M learns iris from 90 such shots (0.35 -> 0.68), while an
+    # appended question line ("Which species is it?") cancels the gain (0.35 -> 0.35), measured with the plain rendering
+    def record(i, prefix):
+        return {"id": f"{prefix}{i}", "question": rows[i], "answer": answers[i], "choices": labels}
+
+    return [record(i, "d") for i in demo_rows], [record(i, "q") for i in query_rows]
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("outdir")
+    parser.add_argument("--demos", type=int, default=90)
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    demos, queries = make_task(args.task, args.demos, args.queries, args.seed)
+    print(write_jsonl(demos, Path(args.outdir) / "demos.jsonl"))
+    print(write_jsonl(queries, Path(args.outdir) / "queries.jsonl"))
+
+
+if __name__ == "__main__":
+    main()
