@@ -336,7 +336,7 @@ class EmlocProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        kwargs.pop("trust_remote_code", None)
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
@@ -350,7 +350,8 @@ class EmlocProcessor(ProcessorMixin):
 
             base = get_class_from_dynamic_module(settings["base_auto_map"], path).from_pretrained(path)
         else:
-            base = _load_base_processor(path, class_name=settings.get("base_processor_class"))
+            extra = {"trust_remote_code": trust_remote_code} if trust_remote_code is not None else {}
+            base = _load_base_processor(path, class_name=settings.get("base_processor_class"), **extra)
         return cls(base, template=settings.get("template", "chat"), instruction=settings.get("instruction"))
 
     # -- base model facts -----------------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ directory and renamed into place, so a conversion that is killed never leaves a 
 The packages are located with ``importlib.util.find_spec`` and never imported: the SmolLM2
 package's ``__init__`` imports an ``llm`` plugin stack we do not use.
 
-Usage: ``python examples/offline_models.py smollm2-135m [--cache-dir D]`` prints the directory.
+:func:`emloc_repo_dir` wraps a converted checkpoint into an Emloc repo (cached the same way).
+
+Usage: ``python examples/offline_models.py smollm2-135m [--base] [--cache-dir D]`` prints the Emloc repo (or, with
+``--base``, the converted base checkpoint).
 """
 
 from __future__ import annotations
@@ -190,12 +193,50 @@ def base_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> pat
     return target
 
 
+def emloc_repo_dir(name: str, template: str = "plain", cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return a directory holding an Emloc repo of ``name`` (weights, config, processor, remote code), built once.
+
+    It loads with ``AutoModel/AutoProcessor.from_pretrained(dir, trust_remote_code=True)``. The processor renders
+    demonstrations with ``template`` (``plain`` by default: these small text models learn far better from plain
+    few-shot prompts than from chat turns, design §6).
+    """
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from modeling_emloc import EmlocForConditionalGeneration
+    from processing_emloc import EmlocProcessor
+
+    root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    target = root.expanduser() / f"{name}-emloc-{template}"
+    if (target / "config.json").is_file() and (target / "processor_config.json").is_file():
+        return target
+    base = base_model_dir(name, cache_dir)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=root))
+    try:
+        tmp.chmod(0o755)
+        EmlocForConditionalGeneration.from_base(str(base)).save_pretrained(tmp)
+        EmlocProcessor.from_base(str(base), template=template).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=MODEL_NAMES)
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $EMLOC_CACHE or ~/.cache/emloc/models)")
+    parser.add_argument("--base", action="store_true", help="print the converted base checkpoint, not the Emloc repo")
+    parser.add_argument("--template", default="plain", choices=("plain", "chat"), help="rendering of the Emloc repo's processor")
     args = parser.parse_args()
-    print(base_model_dir(args.name, args.cache_dir))
+    if args.base:
+        print(base_model_dir(args.name, args.cache_dir))
+    else:
+        print(emloc_repo_dir(args.name, args.template, args.cache_dir))
 
 
 if __name__ == "__main__":

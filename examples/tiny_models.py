@@ -16,7 +16,8 @@ The tokenizer is SmolLM2's (a real BPE vocabulary, from :mod:`offline_models`) w
 chat template of our own; the vision families add Qwen's vision tokens to it and ship an
 image-only Qwen processor as remote code (videos need torchvision, which this machine lacks).
 
-Usage: ``python examples/tiny_models.py FAMILY OUTDIR`` writes the checkpoint and prints OUTDIR.
+Usage: ``python examples/tiny_models.py FAMILY OUTDIR`` writes an Emloc repo (:func:`build_tiny_emloc`) and prints
+OUTDIR; ``--base`` writes the plain base checkpoint instead.
 """
 
 from __future__ import annotations
@@ -251,13 +252,34 @@ def build_tiny_base(family: str, outdir: str | os.PathLike, seed: int = 0) -> pa
     return out
 
 
+def build_tiny_emloc(family: str, outdir: str | os.PathLike, seed: int = 0, template: str = "chat") -> pathlib.Path:
+    """Write a tiny Emloc repo of ``family``: the seeded base wrapped by ``EmlocForConditionalGeneration``, with an
+    ``EmlocProcessor`` and the remote code, loadable with ``AutoModel/AutoProcessor(..., trust_remote_code=True)``."""
+    import tempfile
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from modeling_emloc import EmlocForConditionalGeneration
+    from processing_emloc import EmlocProcessor
+
+    with tempfile.TemporaryDirectory() as base_dir:
+        build_tiny_base(family, base_dir, seed)
+        model = EmlocForConditionalGeneration.from_base(base_dir)
+        processor = EmlocProcessor.from_base(base_dir, template=template, trust_remote_code=True)
+        out = pathlib.Path(outdir)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("outdir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", action="store_true", help="write the plain base checkpoint, not an Emloc repo")
     args = parser.parse_args()
-    print(build_tiny_base(args.family, args.outdir, args.seed))
+    build = build_tiny_base if args.base else build_tiny_emloc
+    print(build(args.family, args.outdir, args.seed))
 
 
 if __name__ == "__main__":
