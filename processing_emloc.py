@@ -348,7 +348,8 @@ class EmlocProcessor(ProcessorMixin):
         if settings.get("base_auto_map"):
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-            base = get_class_from_dynamic_module(settings["base_auto_map"], path).from_pretrained(path)
+            extra = {"trust_remote_code": trust_remote_code} if trust_remote_code is not None else {}
+            base = get_class_from_dynamic_module(settings["base_auto_map"], path).from_pretrained(path, **extra)
         else:
             extra = {"trust_remote_code": trust_remote_code} if trust_remote_code is not None else {}
             base = _load_base_processor(path, class_name=settings.get("base_processor_class"), **extra)
