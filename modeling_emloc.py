@@ -443,6 +443,8 @@ class Probe:
     def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan]):
         self.builder, self.memory, self.chunk = builder, memory, chunk
         family = builder.family
+        # a row ends at its last answer-predicting position: later tokens cannot change it (attention is causal)
+        rows = [_trim_after_last_answer(row) for row in rows]
         batch = builder.processor.collate(rows, padding_side="right")
         answer_next = batch["token_types"][:, 1:] == ANSWER
         self.predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
@@ -474,6 +476,14 @@ class Probe:
         return js_divergence(family.logits(hidden[self.predicting]), self.reference).mean().item()
 
 
+def _trim_after_last_answer(row: EncodedSpan) -> EncodedSpan:
+    answers = (row.token_types == ANSWER).nonzero().flatten()
+    if len(answers) == 0:
+        return row
+    end = int(answers[-1]) + 1  # keep the last answer token: its type marks the position predicting it
+    return EncodedSpan(row.input_ids[:end], row.token_types[:end], row.media)
+
+
 def smooth(scores: torch.Tensor, width: int) -> torch.Tensor:
     """Average pool `[heads, seq]` along the sequence with an odd `width`, same length out."""
     if width <= 1 or scores.shape[-1] == 0:
@@ -489,6 +499,24 @@ def top_tokens(importance: torch.Tensor, ratio: float, must_keep: torch.Tensor) 
     scores = importance.float().masked_fill(must_keep[None], float("inf"))
     index = scores.topk(k, dim=-1, sorted=False).indices
     return index.sort(dim=-1).values
+
+
+@torch.no_grad()
+def answer_divergence(model: "EmlocForConditionalGeneration", memory: TaskMemory, reference: TaskMemory,
+                      rows: list[EncodedSpan], processor: EmlocProcessor) -> float:
+    """Mean JS between the answer distributions of demonstration rows placed after `memory` and after `reference`
+    (both must share `next_position`)."""
+    rows = [_trim_after_last_answer(row) for row in rows]
+    batch = processor.collate(rows, padding_side="right")
+    predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    predicting[:, :-1] = (batch["token_types"][:, 1:] == ANSWER) & batch["attention_mask"][:, 1:].bool()
+    predicting = predicting.to(model.model.device)
+    outputs = []
+    for mem in (memory, reference):
+        segment = model._segment(batch, start_position=mem.next_position)
+        hidden, _ = run_layers(model.family, segment, EmlocCache(memory_prefix(mem), len(rows)))
+        outputs.append(model.family.logits(hidden[predicting]))
+    return js_divergence(outputs[0], torch.log_softmax(outputs[1].float(), dim=-1)).mean().item()
 
 
 # -- compression methods -----------------------------------------------------------------------------------------------
@@ -533,11 +561,18 @@ class EmlocMethod(CompressionMethod):
     divergence stays within `delta`; layers where none passes keep the whole chunk.
 
     Args:
-        delta: JS bound per layer decision.
-        ratios: candidate keep ratios, tried in ascending order.
+        delta: JS bound per layer decision (paper default 0.005).
+        ratios: candidate keep ratios, tried in ascending order (paper: 0.1, 0.2, 0.5). A longer tuple is a finer grid.
         probe: `"self"` (the chunk's own demonstrations, as the paper) or `"heldout"` (demonstrations outside the
             chunk: the paper's probe rewards a demonstration for recalling its own copy).
         probe_size: rows of a held-out probe.
+        search: `"grid"` tries `ratios` in order (the paper); `"bisect"` searches the smallest passing ratio in
+            `[ratios[0], 1]` by bisection (`bisect_steps` probe runs per layer, assumes JS falls as the ratio grows).
+        budget: a target fraction of the chunk's KV to keep (e.g. 0.2) instead of a fixed bound: each layer, top
+            first, may use what the layers above left of the budget (spread over the layers still to decide); it
+            takes the smallest ratio within its allowance that meets `delta`, else the largest one within it (least
+            divergence). Savings of easy layers flow to harder ones; the chunk never exceeds the budget (beyond the
+            always-kept answer tokens).
     """
 
     name: ClassVar[str] = "emloc"
@@ -545,6 +580,9 @@ class EmlocMethod(CompressionMethod):
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     probe: str = "self"
     probe_size: int = 4
+    search: str = "grid"
+    bisect_steps: int = 4
+    budget: float | None = None
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
@@ -552,38 +590,89 @@ class EmlocMethod(CompressionMethod):
             raise ValueError(f"probe must be 'self' or 'heldout', got {self.probe!r}")
         if not self.ratios or not all(0.0 < r <= 1.0 for r in self.ratios):
             raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
+        if self.search not in ("grid", "bisect"):
+            raise ValueError(f"search must be 'grid' or 'bisect', got {self.search!r}")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
 
     def params(self) -> dict:
-        return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
+        params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
+        if self.probe == "heldout":
+            params["probe_size"] = self.probe_size
+        if self.search != "grid":
+            params.update(search=self.search, bisect_steps=self.bisect_steps)
+        if self.budget is not None:
+            params["budget"] = self.budget
+        return params
 
     def probe_rows(self, builder: "MemoryBuilder", chunk_demos: list[int]) -> list[EncodedSpan]:
         if self.probe == "self":
             return [builder.context.demos[i] for i in chunk_demos]
-        others = [i for i in range(len(builder.context.demos)) if i not in set(chunk_demos)]
+        chunk = set(chunk_demos)
+        others = [i for i in range(len(builder.context.demos)) if i not in chunk]
         if not others:
             return [builder.context.demos[i] for i in chunk_demos]
-        # deterministic spread over the demonstrations outside the chunk
+        # a deterministic spread over the demonstrations outside the chunk, different for each chunk
         step = max(1, len(others) // self.probe_size)
-        start = chunk_demos[0] % step if chunk_demos else 0
-        return [builder.context.demos[i] for i in others[start::step][: self.probe_size]]
+        offset = chunk_demos[0] % step if chunk_demos else 0
+        return [builder.context.demos[i] for i in others[offset::step][: self.probe_size]]
 
     def compress(self, builder, memory, chunk, chunk_demos):
         probe = Probe(builder, memory, chunk, self.probe_rows(builder, chunk_demos))
         answers = chunk.token_types == ANSWER
+        num_layers = builder.family.num_layers
+        budget_left = None if self.budget is None else self.budget * num_layers
         kept: dict[int, torch.Tensor | None] = {}
-        chosen_ratios, divergences = [], []
-        for layer in reversed(range(builder.family.num_layers)):
-            kept[layer], ratio, divergence = None, 1.0, 0.0
-            for candidate in self.ratios:
-                index = top_tokens(probe.importance[layer], candidate, answers)
-                js = probe.divergence(layer, {**kept, layer: index})
-                if js <= self.delta:
-                    kept[layer], ratio, divergence = index, candidate, js
-                    break
-            chosen_ratios.append(ratio)
-            divergences.append(divergence)
-        stats = {"ratios": chosen_ratios[::-1], "js": [round(d, 6) for d in divergences[::-1]], "probe_layer_passes": probe.passes}
-        return [kept[l] for l in range(builder.family.num_layers)], stats
+        chosen, divergences = {}, {}
+
+        def evaluate(layer, ratio):
+            index = top_tokens(probe.importance[layer], ratio, answers)
+            return index, probe.divergence(layer, {**kept, layer: index})
+
+        for layer in reversed(range(num_layers)):
+            if budget_left is not None:
+                allowance = budget_left / (layer + 1)
+                grid = [r for r in self.ratios if r <= allowance + 1e-9] or [self.ratios[0]]
+                decision = self._first_passing(evaluate, layer, grid, keep_whole=False)
+            elif self.search == "bisect":
+                decision = self._bisect(evaluate, layer)
+            else:
+                decision = self._first_passing(evaluate, layer, self.ratios, keep_whole=True)
+            kept[layer], chosen[layer], divergences[layer] = decision
+            if budget_left is not None:
+                budget_left -= chosen[layer]
+        stats = {
+            "ratios": [round(chosen[l], 4) for l in range(num_layers)],
+            "js": [round(divergences[l], 6) for l in range(num_layers)],
+            "probe_layer_passes": probe.passes,
+        }
+        return [kept[l] for l in range(num_layers)], stats
+
+    def _first_passing(self, evaluate, layer, grid, keep_whole):
+        """The smallest ratio of `grid` meeting `delta`; otherwise the whole chunk (faithful rule) or, under a budget,
+        the largest ratio of the grid."""
+        last = None
+        for ratio in grid:
+            index, js = evaluate(layer, ratio)
+            if js <= self.delta:
+                return index, ratio, js
+            last = (index, ratio, js)
+        return (None, 1.0, 0.0) if keep_whole else last
+
+    def _bisect(self, evaluate, layer):
+        low, high = self.ratios[0], 1.0
+        index, js = evaluate(layer, low)
+        if js <= self.delta:
+            return index, low, js
+        best = (None, 1.0, 0.0)
+        for _ in range(self.bisect_steps):
+            middle = (low + high) / 2
+            index, js = evaluate(layer, middle)
+            if js <= self.delta:
+                best, high = (index, middle, js), middle
+            else:
+                low = middle
+        return best
 
 
 class MemoryBuilder:
@@ -591,10 +680,10 @@ class MemoryBuilder:
     what each layer keeps, append it."""
 
     def __init__(self, model: "EmlocForConditionalGeneration", processor: EmlocProcessor, method: CompressionMethod,
-                 chunk_size: int, pool_width: int, progress: bool = False):
+                 chunk_size: int, pool_width: int, progress: bool = False, validate: int = 0):
         self.model, self.processor, self.method = model, processor, method
         self.family = model.family
-        self.chunk_size, self.pool_width, self.progress = chunk_size, pool_width, progress
+        self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
         self.context = None
 
     @torch.no_grad()
@@ -602,7 +691,6 @@ class MemoryBuilder:
         started = time.perf_counter()
         self.context = self.processor.encode_context(demos)
         memory = append_to.to() if append_to is not None else self.model._empty_memory()
-        first_demo = 0
         chunks = [list(range(i, min(i + self.chunk_size, len(self.context.demos)))) for i in range(0, len(self.context.demos), self.chunk_size)]
         chunk_stats, full_types = [], torch.zeros(0, dtype=torch.long)
         iterator = chunks
@@ -623,13 +711,28 @@ class MemoryBuilder:
             )
             full_types = torch.cat([full_types, chunk.token_types.cpu()])
             chunk_stats.append(stats)
-        del first_demo
         previous = append_to.stats if append_to is not None else None
         memory.stats = self.model._memory_stats(
             memory, self.method, len(self.context.demos), full_types, chunk_stats,
             time.perf_counter() - started, self.chunk_size, previous,
         )
+        if self.validate and append_to is None:
+            memory.stats["validation"] = self._validate(memory)
         return memory
+
+    def _validate(self, memory: TaskMemory) -> dict:
+        """Global check: mean JS, on `validate` demonstrations spread over the context (one per row, after the
+        memory), between the built memory and the uncompressed full context."""
+        started = time.perf_counter()
+        full = self.model._empty_memory()
+        whole = EncodedSpan.concat([self.context.prefix, *self.context.demos])
+        chunk = self.model._prefill_chunk(full, whole)
+        full = TaskMemory([layer.append(chunk.kept(i, None)) for i, layer in enumerate(full.layers)], chunk.next_position)
+        count = min(self.validate, len(self.context.demos))
+        step = len(self.context.demos) / count
+        rows = [self.context.demos[int(i * step)] for i in range(count)]
+        divergence = answer_divergence(self.model, memory, full, rows, self.processor)
+        return {"rows": count, "mean_js": round(divergence, 6), "seconds": round(time.perf_counter() - started, 3)}
 
 
 # =====================================================================================================================
@@ -928,7 +1031,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     # -- building memories ----------------------------------------------------------------------------------------------
 
     def build_memory(self, demos, processor: EmlocProcessor, method: str = "emloc", chunk_size: int | None = None,
-                     append_to: TaskMemory | None = None, progress: bool = False, **method_params) -> TaskMemory:
+                     append_to: TaskMemory | None = None, progress: bool = False, validate: int = 0,
+                     **method_params) -> TaskMemory:
         """Compresses demonstrations into a task memory.
 
         Args:
@@ -937,6 +1041,9 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
             method: a registered compression method: `"emloc"` (default) or `"full"` (keep everything).
             chunk_size: demonstrations per chunk (default: the config's, 4).
             append_to: an existing memory to extend with new chunks instead of building from scratch.
+            progress: show a progress bar over chunks.
+            validate: after the build, measure the mean JS between this memory and the uncompressed context on this
+                many demonstrations (one per row) and record it as `stats["validation"]` (costs one full prefill).
             **method_params: the method's parameters, e.g. `delta=0.005, ratios=(0.1, 0.2, 0.5), probe="self"`.
         """
         if method not in COMPRESSION_METHODS:
@@ -951,7 +1058,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         if append_to is not None:
             self._check_memory_fits(append_to)
         builder = MemoryBuilder(self, processor, method_cls(**params), chunk_size or self.config.chunk_size,
-                                self.config.pool_width, progress=progress)
+                                self.config.pool_width, progress=progress, validate=validate)
         return builder.build(demos, append_to=append_to)
 
     def _memory_stats(self, memory: TaskMemory, method: CompressionMethod, num_demos: int, full_types: torch.Tensor,
