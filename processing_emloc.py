@@ -314,10 +314,7 @@ class EmlocProcessor(ProcessorMixin):
         self.base_processor.save_pretrained(save_directory)
         config_path = Path(save_directory) / PROCESSOR_CONFIG_NAME
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        # a base processor that is itself remote code keeps its own reference, under our key
-        base_auto_map = config.get("auto_map", {}).get("AutoProcessor")
-        if base_auto_map == "processing_emloc.EmlocProcessor":
-            base_auto_map = config.get(EMLOC_KEY, {}).get("base_auto_map")
+        base_auto_map = _save_remote_code_class(type(self.base_processor), save_directory)
         config[EMLOC_KEY] = {
             "template": self.template,
             "instruction": self.instruction,
@@ -619,6 +616,23 @@ def _load_base_processor(path: str, class_name: str | None = None, **load_kwargs
         except Exception:
             pass  # text-only bases have no processor; their tokenizer is the processor
     return AutoTokenizer.from_pretrained(path, **load_kwargs)
+
+
+def _save_remote_code_class(cls: type, save_directory) -> str | None:
+    """A base processor that is itself remote code (not a transformers class): copies its module next to the saved
+    files and returns its `module.Class` reference, which `from_pretrained` loads it by."""
+    import inspect
+    import shutil
+
+    import transformers
+
+    if getattr(transformers, cls.__name__, None) is cls:
+        return None
+    source = Path(inspect.getfile(cls))
+    target = Path(save_directory) / source.name
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return f"{source.stem}.{cls.__name__}"
 
 
 def _copy_remote_code(save_directory) -> None:
