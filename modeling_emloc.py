@@ -217,6 +217,8 @@ class EmlocCache(DynamicCache):
         device = next((p.device for p in self.prefix_positions if p is not None), torch.device("cpu"))
         self.new_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.new_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        # per-query selection over the prefix (`select=`): per layer None or bool [batch, kv_heads, prefix_len]
+        self.prefix_keep: list[torch.Tensor | None] = [None] * len(self.prefix_positions)
 
     def add_tokens(self, text_positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Registers the positions `[batch, seq]` and padding of the tokens about to be fed."""
@@ -238,11 +240,16 @@ class EmlocCache(DynamicCache):
         positions = self.prefix_positions[layer]
         if positions is None or positions.shape[1] == 0:
             return new_part
-        if sliding_window is None:
+        keep = self.prefix_keep[layer]
+        if sliding_window is None and keep is None:
             prefix_part = torch.ones(self.rows, 1, num_new, positions.shape[1], dtype=torch.bool, device=new_part.device)
             return torch.cat([prefix_part, new_part], dim=-1)
-        # per KV head: each head kept its own tokens, so the window cuts each head differently
-        prefix_part = positions[None, :, None, :] > query_positions[:, None, :, None] - sliding_window
+        # per KV head: each head kept its own tokens, so the window (and a selection) cuts each head differently
+        prefix_part = torch.ones(self.rows, positions.shape[0], num_new, positions.shape[1], dtype=torch.bool, device=new_part.device)
+        if sliding_window is not None:
+            prefix_part = prefix_part & (positions[None, :, None, :] > query_positions[:, None, :, None] - sliding_window)
+        if keep is not None:
+            prefix_part = prefix_part & keep[:, :, None, :]
         prefix_part = prefix_part.repeat_interleave(num_groups, dim=1)
         return torch.cat([prefix_part, new_part.expand(-1, prefix_part.shape[1], -1, -1)], dim=-1)
 
@@ -293,14 +300,69 @@ def emloc_observed_attention(module, query, key, value, attention_mask, scaling=
     return output.transpose(1, 2).contiguous(), None
 
 
+class MemorySelector:
+    """Per-query selection over a memory at answer time (`select=`).
+
+    In each layer, every query row scores the memory's tokens (per KV head) by the attention its tokens pay them —
+    summed over the row's real (non-padding) positions and the query heads of the group, then average-pooled along the
+    memory (width `pool_width`, as EMLoC scores tokens) — keeps the top `amount` (a fraction, or a count if > 1), and
+    attends over that subset only. One pass: the layer's attention is computed twice (to score, then over the subset),
+    the rest of the layer once, and the memory is never re-prefilled. The kept set is stored in the cache, so the
+    generated tokens see the same subset.
+    """
+
+    def __init__(self, amount: float, cache: "EmlocCache", valid: torch.Tensor, pool_width: int = 5):
+        self.amount, self.cache, self.valid, self.pool_width = amount, cache, valid, pool_width
+
+    def count(self, length: int) -> int:
+        return min(length, int(self.amount) if self.amount > 1 else max(1, math.ceil(self.amount * length)))
+
+    def choose(self, layer: int, probabilities: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """probabilities `[batch, heads, q, k]` → bool keep mask `[batch, kv_heads, prefix_len]`."""
+        length = self.cache.prefix_lengths[layer]
+        scores = (probabilities[..., :length] * self.valid[:, None, :, None]).sum(dim=2)  # [batch, heads, prefix]
+        scores = scores.view(scores.shape[0], -1, num_groups, length).sum(dim=2)
+        scores = smooth(scores.flatten(0, 1), self.pool_width).view_as(scores)
+        index = scores.topk(self.count(length), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def emloc_selecting_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                              emloc_selector: MemorySelector | None = None, **kwargs):
+    """Eager attention that first lets a `MemorySelector` choose the memory subset each query row attends to, then
+    attends over it (registered as `"emloc_selecting"`). Shapes as `emloc_observed_attention`."""
+    groups = query.shape[1] // key.shape[1]
+    key_r, value_r = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+    def attend(mask):
+        scores = torch.matmul(query.float(), key_r.float().transpose(2, 3)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+    probabilities = attend(attention_mask)
+    layer = module.layer_idx
+    if emloc_selector is not None and emloc_selector.cache.prefix_lengths[layer] > 0:
+        keep = emloc_selector.choose(layer, probabilities, groups)
+        emloc_selector.cache.prefix_keep[layer] = keep
+        length = keep.shape[-1]
+        mask = attention_mask.expand(query.shape[0], query.shape[1], -1, -1).clone()
+        mask[..., :length] &= keep.repeat_interleave(groups, dim=1)[:, :, None, :]
+        probabilities = attend(mask)
+    output = torch.matmul(probabilities.to(value_r.dtype), value_r)
+    return output.transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
 def attention_implementation(model: PreTrainedModel, name: str):
     """Temporarily runs every attention module of `model` with the attention function registered as `name`.
 
     Our passes build boolean masks per layer, which `sdpa` (and `emloc_observed`) take as they are; scoping the choice
     here keeps a user's `attn_implementation` of the base model (eager, flash) from seeing masks it cannot read."""
-    if name == "emloc_observed" and name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, emloc_observed_attention)
+    registered = {"emloc_observed": emloc_observed_attention, "emloc_selecting": emloc_selecting_attention}
+    if name in registered and name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, registered[name])
     configs = getattr(model, "_emloc_attention_configs", None)
     if configs is None:
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
@@ -340,7 +402,8 @@ class Segment:
 
 
 def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: int = 0, stop: int | None = None,
-               observer: AttentionObserver | None = None, keep_hidden: bool = False) -> tuple[torch.Tensor, list]:
+               observer: AttentionObserver | None = None, keep_hidden: bool = False,
+               selector: MemorySelector | None = None) -> tuple[torch.Tensor, list]:
     """Runs decoder layers `start … stop-1` on `segment` against `cache`.
 
     Returns the hidden state after the last layer `[batch, seq, hidden]` and, with `keep_hidden`, the hidden state that
@@ -352,8 +415,12 @@ def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: i
     hidden, entering = segment.hidden, []
     num_new = hidden.shape[1]
     groups = family.num_heads // family.num_kv_heads
-    extra = {"emloc_observer": observer} if observer is not None else {}
-    with attention_implementation(family.model, "emloc_observed" if observer is not None else "sdpa"):
+    extra, attention = {}, "sdpa"
+    if observer is not None:
+        extra, attention = {"emloc_observer": observer}, "emloc_observed"
+    elif selector is not None:
+        extra, attention = {"emloc_selector": selector}, "emloc_selecting"
+    with attention_implementation(family.model, attention):
         for layer in range(start, stop):
             if keep_hidden:
                 entering.append(hidden)
@@ -552,6 +619,25 @@ class FullMethod(CompressionMethod):
 
     def compress(self, builder, memory, chunk, chunk_demos):
         return [None] * builder.family.num_layers, {}
+
+
+@register_method
+@dataclass
+class RandomMethod(CompressionMethod):
+    """Keeps a seeded random `ratio` of each chunk in every layer and KV head (a floor for any selection rule)."""
+
+    name: ClassVar[str] = "random"
+    ratio: float = 0.2
+    seed: int = 0
+
+    def compress(self, builder, memory, chunk, chunk_demos):
+        generator = torch.Generator().manual_seed(self.seed + len(chunk_demos) * 7919 + (chunk_demos[0] if chunk_demos else 0))
+        keep = max(1, math.ceil(self.ratio * chunk.length))
+        kept = []
+        for layer in range(builder.family.num_layers):
+            scores = torch.rand(builder.family.num_kv_heads, chunk.length, generator=generator)
+            kept.append(scores.topk(keep, dim=-1).indices.sort(dim=-1).values.to(chunk.positions.device))
+        return kept, {"ratios": [self.ratio] * builder.family.num_layers}
 
 
 @register_method
@@ -838,12 +924,14 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, memory: TaskMemory | str | None = None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, memory: TaskMemory | str | None = None,
+                select: float | None = None, **kwargs):
         """Logits `[batch, seq, vocab]` of `input_ids` answered from `memory` (the active memory if None is given and
         one is set; plain zero-shot if there is none). Media tensors (`pixel_values`, ...) are passed through."""
         memory = self._resolve_memory(memory)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask if attention_mask is not None else torch.ones_like(input_ids), **kwargs}
-        logits, _, _ = self._query_pass(memory, inputs)
+        inputs.pop("token_types", None)
+        logits, _, _ = self._query_pass(memory, inputs, select=select)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         return CausalLMOutputWithPast(logits=logits)
@@ -879,15 +967,20 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
             next_position=int(segment.next_position[0]),
         )
 
-    def _query_pass(self, memory: TaskMemory | None, inputs: dict) -> tuple[torch.Tensor, EmlocCache, Segment]:
+    def _query_pass(self, memory: TaskMemory | None, inputs: dict, select: float | None = None) -> tuple[torch.Tensor, EmlocCache, Segment]:
         """Prefills a batch of queries against one shared memory; returns logits `[batch, seq, vocab]`, the cache and
-        the segment (for decoding on)."""
+        the segment (for decoding on). `select` turns on per-query selection over the memory (`MemorySelector`)."""
         memory = memory if memory is not None else self._empty_memory()
         self._check_memory_fits(memory)
         memory = memory.to(device=self.model.device, dtype=self.model.dtype)
         segment = self._segment(inputs, start_position=memory.next_position)
         cache = EmlocCache(memory_prefix(memory), batch_size=segment.hidden.shape[0])
-        hidden, _ = run_layers(self.family, segment, cache)
+        if select is not None and not 0 < select:
+            raise ValueError(f"select must be a fraction in (0, 1] or a token count, got {select}")
+        selector = None
+        if select is not None and select != 1.0:
+            selector = MemorySelector(float(select), cache, segment.valid, self.config.pool_width)
+        hidden, _ = run_layers(self.family, segment, cache, selector=selector)
         return self.family.logits(hidden), cache, segment
 
     def _resolve_memory(self, memory: TaskMemory | str | None) -> TaskMemory | None:
@@ -916,12 +1009,15 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, memory: TaskMemory | str | None = None,
                  max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, **media) -> torch.Tensor:
+                 generator: torch.Generator | None = None, select: float | None = None, **media) -> torch.Tensor:
         """Generates continuations of a batch of queries sharing one memory.
 
         Args:
             input_ids / attention_mask: `[batch, seq]` queries as the processor returns them (left-padded).
             memory: a `TaskMemory`, the name of a loaded one, or None for the active memory (zero-shot if none).
+            select: per-query selection over the memory: keep, per layer and KV head, the fraction (or, if > 1, the
+                number) of memory tokens each query attends to most, and answer with that subset (`MemorySelector`).
+                The stored memory is unchanged; `select=1.0` (or None) uses all of it.
         Returns:
             `[batch, new_tokens]`: only the generated tokens, `pad_token_id` after a row's end of sequence.
         """
@@ -936,7 +1032,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         if pad_token_id is None:
             pad_token_id = getattr(generation_config, "pad_token_id", None)
             pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-        logits, cache, segment = self._query_pass(memory, {"input_ids": input_ids, "attention_mask": attention_mask, **media})
+        logits, cache, segment = self._query_pass(memory, {"input_ids": input_ids, "attention_mask": attention_mask, **media}, select=select)
         next_position = segment.next_position
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.model.device)
         generated = []
@@ -975,7 +1071,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
 
     @torch.no_grad()
     def score_choices(self, queries, memory: TaskMemory | str | None = None, processor: EmlocProcessor | None = None,
-                      history=None) -> list[list[float]]:
+                      history=None, select: float | None = None) -> list[list[float]]:
         """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply.
 
         `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt; each query is
@@ -992,7 +1088,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
                 raise ValueError(f"{query.where}: score_choices needs 'choices' on every query")
             batch = processor.collate([processor.encode_query(query, history_examples)])
             batch.pop("token_types")
-            logits, cache, segment = self._query_pass(memory, batch)
+            logits, cache, segment = self._query_pass(memory, batch, select=select)
             first = torch.log_softmax(logits[0, -1].float(), dim=-1)
             choices = [processor.encode_choice(c).to(self.model.device) for c in query.choices]
             scores = [float(first[c[0]]) if len(c) else 0.0 for c in choices]
@@ -1188,6 +1284,7 @@ def _expand_cache(cache: EmlocCache, batch_size: int) -> EmlocCache:
         new_k, new_v = cache.new_kv(layer)
         expanded.layers[layer].update(new_k.expand(batch_size, -1, -1, -1), new_v.expand(batch_size, -1, -1, -1))
     expanded.add_tokens(cache.new_positions.expand(batch_size, -1), cache.new_valid.expand(batch_size, -1))
+    expanded.prefix_keep = [keep.expand(batch_size, -1, -1) if keep is not None else None for keep in cache.prefix_keep]
     return expanded
 
 

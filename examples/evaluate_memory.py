@@ -1,0 +1,478 @@
+"""Evaluate task memories against zero-shot, the full context, other KV compression and LoRA fine-tuning.
+
+    python examples/evaluate_memory.py --model smollm2-135m --demos D.jsonl --queries Q.jsonl \\
+        --methods zero-shot,full,emloc,random@0.2,snapkv@0.2,rices,lora --out OUT [--budget F] [--emloc-args k=v,...]
+
+`--model`: an Emloc repo directory or Hub id, or `smollm2-135m` / `gemma3-270m` (offline models). Queries are scored by
+their `choices` (`model.score_choices`); scoring goes through the `evaluate` library with the metric scripts shipped in
+`metrics/` (accuracy, exact match after normalisation, fidelity to `full`: top-choice agreement and mean JS).
+
+Methods (a comma-separated list; `@F` is a kept fraction of the full context's KV, `[k=v;...]` parameters):
+    zero-shot                 no memory
+    full                      the whole context as an uncompressed memory (prefix cache)
+    emloc[k=v;...]            EMLoC (paper defaults; e.g. emloc[probe=heldout], emloc[budget=0.2])
+    random@F                  a random F of each chunk per layer and head
+    <press>@F                 an NVIDIA kvpress press (snapkv, pyramidkv, streamingllm, tova, knorm,
+                              expected_attention, random) as a query-agnostic memory; needs `examples/setup_kvpress.sh`;
+                              `@emloc` matches EMLoC's kept bytes
+    rices[k=8]                per query, the k most similar demonstrations by the model's own embeddings, in full
+    lora[epochs=3;...]        LoRA fine-tuning with peft on the demonstrations (adaptation time reported)
+    full+select@F, emloc+select@F   per-query selection over the memory at answer time
+
+Writes OUT/results.json (design §5), OUT/report.md and OUT/*.png. Under `accelerate launch --num_processes N`, the
+queries are split across processes (memories are built once, on the main process, and shared through OUT/memories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m")
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random")
+KVPRESS_PYTHON = HERE.parent / ".venv-kvpress" / "bin" / "python"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Method specs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodSpec:
+    """One entry of `--methods`: `name[k=v;...]@kept`."""
+
+    text: str
+    name: str
+    params: dict = field(default_factory=dict)
+    kept: float | str | None = None
+    select: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.text
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text or "/" in text:
+        return tuple(_value(t) for t in re.split(r"[,/]", text))
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    specs = []
+    for item in re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?[^,]*", text):
+        item = item.strip()
+        if not item:
+            continue
+        match = re.fullmatch(r"([a-z_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@([\w.]+))?", item)
+        if match is None:
+            raise SystemExit(f"--methods: cannot read {item!r} (expected name[k=v;...]@F)")
+        name, select, params, kept = match.groups()
+        params = dict(kv.split("=", 1) for kv in params.split(";") if kv) if params else {}
+        spec = MethodSpec(item, name, {k: _value(v) for k, v in params.items()})
+        if select:
+            spec.select = float(kept) if kept else 0.3
+        elif kept is not None:
+            spec.kept = kept if kept == "emloc" else float(kept)
+        specs.append(spec)
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def score_queries(model, processor, queries, memory=None, select=None, state=None):
+    """Per-query choice log-probabilities and latencies; split across processes under accelerate."""
+    indices = list(range(len(queries)))
+    if state is not None and state.num_processes > 1:
+        with state.split_between_processes(indices) as part:
+            indices = list(part)
+    rows = []
+    kwargs = {"select": select} if select is not None else {}
+    for index in indices:
+        started = time.perf_counter()
+        scores = model.score_choices([queries[index]], memory=memory, processor=processor, **kwargs)[0]
+        rows.append((index, scores, time.perf_counter() - started))
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    rows.sort(key=lambda row: row[0])
+    return [r[1] for r in rows], [r[2] for r in rows]
+
+
+def summarise(queries, scores, latencies, full_scores, metrics) -> dict:
+    predictions = [q["choices"][max(range(len(s)), key=s.__getitem__)] for q, s in zip(queries, scores)]
+    references = [q["answer"] for q in queries]
+    record = {
+        "accuracy": metrics["accuracy"].compute(predictions=predictions, references=references)["accuracy"],
+        "exact_match": metrics["exact_match"].compute(predictions=predictions, references=references)["exact_match"],
+        "query_seconds_mean": statistics.fmean(latencies),
+        "query_seconds_p95": sorted(latencies)[max(0, math.ceil(0.95 * len(latencies)) - 1)],
+        "predictions": predictions,
+    }
+    if full_scores is not None:
+        record.update(metrics["fidelity"].compute(predictions=scores, references=full_scores))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_kvpress_memories(model, processor, demos, presses_and_kept, workdir: Path, base_dir: Path) -> dict:
+    """Runs the kvpress presses in their own environment (kvpress pins an older transformers) and loads the
+    memories they write in our format. Returns {(press, kept): TaskMemory}."""
+    from safetensors.torch import save_file
+
+    from memory_emloc import TaskMemory
+    from processing_emloc import EncodedSpan
+
+    if not KVPRESS_PYTHON.exists():
+        raise RuntimeError("kvpress is not set up: run examples/setup_kvpress.sh")
+    if base_dir is None:  # kvpress loads a plain transformers checkpoint: write the Emloc model's base
+        base_dir = workdir / "base"
+        model.model.save_pretrained(base_dir)
+    context = processor.encode_context(demos)
+    joined = EncodedSpan.concat([context.prefix, *context.demos])
+    save_file({"input_ids": joined.input_ids[None].contiguous(), "token_types": joined.token_types.contiguous()},
+              str(workdir / "context.safetensors"))
+    memories = {}
+    for press, kept in presses_and_kept:
+        out = workdir / f"kvpress-{press}-{kept:.4f}"
+        command = [str(KVPRESS_PYTHON), str(HERE / "kvpress_memories.py"), "--base", str(base_dir),
+                   "--context", str(workdir / "context.safetensors"), "--presses", press.replace("kvpress-", ""),
+                   "--ratios", f"{kept:.6f}", "--out", str(out), "--fingerprint", model.fingerprint(),
+                   "--num-demos", str(len(demos))]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"kvpress {press} failed: {result.stderr[-2000:]}")
+        directories = [p for p in out.rglob("memory_config.json")]
+        memory = TaskMemory.from_pretrained(directories[0].parent)
+        memory.stats.setdefault("build", {})["seconds"] = time.perf_counter() - started
+        memories[(press, kept)] = memory
+    return memories
+
+
+def rices_scores(model, processor, demos, queries, k: int, state=None):
+    """RICES: for each query, the k demonstrations whose embeddings (mean of the base model's last hidden states over
+    the rendered user turn) are most similar, prefilled in full, in their original order."""
+    from processing_emloc import load_examples
+
+    def embed(examples):
+        vectors = []
+        for example in examples:
+            span = processor.encode_query(example)
+            batch = processor.collate([span])
+            batch.pop("token_types")
+            with torch.no_grad():
+                out = model.model(**{k: v for k, v in batch.items()}, output_hidden_states=True)
+            vectors.append(torch.nn.functional.normalize(out.hidden_states[-1][0].mean(0).float(), dim=0))
+        return torch.stack(vectors)
+
+    started = time.perf_counter()
+    demo_vectors = embed(load_examples(demos))
+    query_vectors = embed(load_examples(queries, require_answer=False))
+    chosen = (query_vectors @ demo_vectors.T).topk(min(k, len(demos)), dim=-1).indices.sort(dim=-1).values
+    scores, latencies = [], []
+    for row, query in enumerate(queries):
+        started_query = time.perf_counter()
+        memory = model.build_memory([demos[i] for i in chosen[row].tolist()], processor=processor, method="full",
+                                    chunk_size=k)
+        scores.append(model.score_choices([query], memory=memory, processor=processor)[0])
+        latencies.append(time.perf_counter() - started_query)
+    return scores, latencies, time.perf_counter() - started
+
+
+def memory_record(memory) -> dict:
+    totals = memory.stats["totals"]
+    return {"kept_kv_bytes": totals["kept_kv_bytes"], "full_kv_bytes": totals["full_kv_bytes"],
+            "kept_ratio": totals["kept_ratio"], "build_seconds": memory.stats.get("build", {}).get("seconds")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_report(results: dict, out: Path, memories: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    methods = results["methods"]
+    lines = [
+        f"# Evaluation: {results['model']}",
+        "",
+        f"{results['num_demos']} demonstrations, {results['num_queries']} queries, task `{results.get('task', 'custom')}`. "
+        f"Machine: {results['machine']}.",
+        "",
+        "| method | accuracy | agreement w/ full | mean JS to full | kept KV | build s | s/query (mean) | s/query (p95) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, record in methods.items():
+        if "error" in record:
+            reason = " ".join(record["error"].split()).replace("|", "/")[:100]
+            lines.append(f"| {name} | failed: {reason} | | | | | | |")
+            continue
+
+        def fmt(key, pattern="{:.3f}"):
+            value = record.get(key)
+            return pattern.format(value) if isinstance(value, (int, float)) and value is not None else "-"
+
+        lines.append(f"| {name} | {fmt('accuracy')} | {fmt('agreement')} | {fmt('mean_js', '{:.4f}')} | "
+                     f"{fmt('kept_ratio', '{:.1%}')} | {fmt('build_seconds', '{:.1f}')} | "
+                     f"{fmt('query_seconds_mean', '{:.3f}')} | {fmt('query_seconds_p95', '{:.3f}')} |")
+    lines += ["", "`kept KV` is the memory's size as a share of the full context's KV cache; `agreement` is the share "
+              "of queries whose top choice equals `full`'s; `mean JS` is the Jensen-Shannon divergence between the "
+              "methods' normalised choice distributions. LoRA's build time is its training time.", ""]
+    plots = make_plots(results, out, memories)
+    lines += [f"![{name}]({name})" for name in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def make_plots(results: dict, out: Path, memories: dict) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    methods = {k: v for k, v in results["methods"].items() if "accuracy" in v}
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for name, record in methods.items():
+        axis.scatter(record.get("kept_ratio") or 0.0, record["accuracy"], label=name, s=40)
+    axis.set_xlabel("kept KV (share of the full context)")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"{results['model']}: accuracy vs memory size")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy_vs_kept.png", dpi=120)
+    plt.close(figure)
+    written.append("accuracy_vs_kept.png")
+
+    emloc = {name: m for name, m in memories.items() if m.stats.get("method", {}).get("name") == "emloc"}
+    if emloc:
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        for name, memory in emloc.items():
+            layers = memory.stats["layers"]
+            axis.plot([l["kept"] / max(1, l["full"]) for l in layers], marker="o", ms=3, label=name)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("kept share of the context")
+        axis.set_title("EMLoC: kept tokens per layer")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "emloc_kept_per_layer.png", dpi=120)
+        plt.close(figure)
+        written.append("emloc_kept_per_layer.png")
+
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        types = ["template", "text", "image", "answer"]
+        width = 0.8 / len(emloc)
+        for offset, (name, memory) in enumerate(emloc.items()):
+            shares = [memory.stats["token_types"][t]["kept"] / max(1, memory.stats["token_types"][t]["full"]) for t in types]
+            axis.bar([i + offset * width for i in range(len(types))], shares, width=width, label=name)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(types))], types)
+        axis.set_ylabel("kept share of that token type")
+        axis.set_title("EMLoC: what the memory keeps")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "emloc_kept_by_type.png", dpi=120)
+        plt.close(figure)
+        written.append("emloc_kept_by_type.png")
+    return written
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+            cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU" \
+        if not torch.cuda.is_available() else f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_model(name: str, template: str | None):
+    from transformers import AutoModel, AutoProcessor
+
+    if name in OFFLINE_MODELS:
+        from offline_models import base_model_dir, emloc_repo_dir
+
+        repo = emloc_repo_dir(name, template=template or "plain")
+        return AutoModel.from_pretrained(repo, trust_remote_code=True), AutoProcessor.from_pretrained(repo, trust_remote_code=True), base_model_dir(name)
+    model = AutoModel.from_pretrained(name, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    if template is not None and template != processor.template:
+        processor = type(processor)(processor.base_processor, template=template, instruction=processor.instruction)
+    return model, processor, None
+
+
+def evaluate(args) -> dict:
+    from accelerate import PartialState
+
+    from memory_emloc import TaskMemory
+    from metrics import load_metric
+    from processing_emloc import load_examples
+
+    state = PartialState()
+    metrics = {"accuracy": load_metric("emloc_accuracy"), "exact_match": load_metric("emloc_exact_match"),
+               "fidelity": load_metric("emloc_fidelity")}
+    model, processor, base_dir = load_model(args.model, args.template)
+    demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
+    queries = [json.loads(line) for line in Path(args.queries).read_text().splitlines() if line.strip()]
+    load_examples(demos)  # validates every line before any work
+    load_examples(queries, require_answer=False)
+    if any("answer" not in q or not q.get("choices") for q in queries):
+        raise SystemExit(f"{args.queries}: every query needs 'answer' and 'choices' to be scored")
+    specs = parse_methods(args.methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = out / "memories"
+    emloc_args = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.emloc_args.split(",") if kv)} if args.emloc_args else {}
+    if args.budget is not None:
+        emloc_args["budget"] = args.budget
+
+    results = {"model": args.model, "task": args.task, "num_demos": len(demos), "num_queries": len(queries),
+               "machine": machine_description(), "processes": state.num_processes, "methods": {}}
+    memories: dict[str, TaskMemory] = {}
+    full_scores = None
+
+    def shared_memory(label, build):
+        """Built on the main process, saved, and loaded by the others."""
+        path = shared / re.sub(r"[^\w.@+-]", "_", label)
+        if state.is_main_process:
+            started = time.perf_counter()
+            memory = build()
+            memory.stats.setdefault("build", {})["seconds"] = memory.stats.get("build", {}).get("seconds", time.perf_counter() - started)
+            if state.num_processes > 1:
+                memory.save_pretrained(path)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            memory = TaskMemory.from_pretrained(path)
+        return memory
+
+    # full first: every other method is compared with it
+    ordered = sorted(specs, key=lambda s: (s.name != "full" or s.select is not None))
+    for spec in ordered:
+        if state.is_main_process:
+            print(f"[{spec.label}]", flush=True)
+        record: dict = {}
+        try:
+            if spec.name == "zero-shot":
+                scores, latencies = score_queries(model, processor, queries, None, state=state)
+                record.update(kept_ratio=0.0, kept_kv_bytes=0, build_seconds=0.0)
+            elif spec.name in ("full", "emloc", "random") or spec.name in KVPRESS_PRESSES:
+                if spec.name in KVPRESS_PRESSES:
+                    kept = spec.kept if spec.kept != "emloc" else memories["emloc"].stats["totals"]["kept_ratio"]
+                    def build(spec=spec, kept=kept):
+                        with tempfile.TemporaryDirectory() as work:
+                            return build_kvpress_memories(model, processor, demos, [(spec.name, kept)], Path(work), base_dir)[(spec.name, kept)]
+                elif spec.name == "random":
+                    kept = spec.kept if spec.kept != "emloc" else memories["emloc"].stats["totals"]["kept_ratio"]
+                    def build(kept=kept):
+                        return model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2)
+                elif spec.name == "full":
+                    def build():
+                        return model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos))
+                else:
+                    params = {**emloc_args, **spec.params}
+                    def build(params=params):
+                        return model.build_memory(demos, processor=processor, method="emloc", progress=state.is_main_process, **params)
+                base_label = spec.label.split("+select")[0] if spec.select is not None else spec.label
+                memory = memories.get(base_label) or shared_memory(base_label, build)
+                memories.setdefault(base_label, memory)
+                scores, latencies = score_queries(model, processor, queries, memory, select=spec.select, state=state)
+                record.update(memory_record(memory))
+                if spec.select is not None:
+                    record["kept_ratio"] = record["kept_ratio"] * spec.select
+                    record["selected_fraction"] = spec.select
+            elif spec.name == "rices":
+                k = int(spec.params.get("k", 8))
+                scores, latencies, seconds = rices_scores(model, processor, demos, queries, k)
+                record.update(build_seconds=0.0, rices_k=k, kept_ratio=k / len(demos), total_seconds=seconds)
+            elif spec.name == "lora":
+                from lora_baseline import train_lora
+
+                adapted, stats = train_lora(model, processor, demos, **spec.params)
+                scores, latencies = score_queries(adapted, processor, queries, None, state=state)
+                record.update(build_seconds=stats["train_seconds"], kept_ratio=0.0, lora=stats)
+            else:
+                raise ValueError(f"unknown method {spec.name!r}")
+            if spec.name == "full" and spec.select is None:
+                full_scores = scores
+            record.update(summarise(queries, scores, latencies, full_scores if spec.name != "full" or spec.select else None, metrics))
+            record["choice_logprobs"] = scores
+        except Exception as error:  # one failing baseline must not lose the others' results
+            if state.is_main_process:
+                print(f"  {spec.label} failed: {error}", file=sys.stderr)
+            record = {"error": f"{type(error).__name__}: {error}"}
+        results["methods"][spec.label] = record
+        if state.is_main_process and "accuracy" in record:
+            print(f"  accuracy {record['accuracy']:.3f}  kept {record.get('kept_ratio') or 0:.1%}  "
+                  f"s/query {record['query_seconds_mean']:.3f}", flush=True)
+    if state.is_main_process:
+        emloc_memories = {k: v for k, v in memories.items() if k.startswith("emloc")}
+        for label, memory in memories.items():
+            if label in results["methods"]:
+                results["methods"][label]["memory_stats"] = {k: memory.stats.get(k) for k in ("totals", "token_types", "layers", "method")}
+        write_report(results, out, emloc_memories)
+        if shared.exists():
+            shutil.rmtree(shared, ignore_errors=True)
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--demos", required=True)
+    parser.add_argument("--queries", required=True)
+    parser.add_argument("--methods", default="zero-shot,full,emloc")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budget", type=float, default=None, help="EMLoC kept-KV budget (fraction)")
+    parser.add_argument("--emloc-args", default="", help="EMLoC parameters, e.g. delta=0.01,probe=heldout")
+    parser.add_argument("--template", default=None, choices=("chat", "plain"), help="override the processor's rendering")
+    parser.add_argument("--task", default=None, help="a name for the report")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
