@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -189,6 +190,41 @@ def _parameters(function) -> set[str]:
 # =====================================================================================================================
 
 
+class PrefixedLayer(DynamicLayer):
+    """A cache layer that starts with a prefix `[batch, kv_heads, prefix_len, head_dim]` and writes new tokens into a
+    buffer that grows by doubling, so feeding a token does not copy the whole memory as concatenation would."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, headroom: int = 64):
+        super().__init__()
+        batch, heads, length, dim = keys.shape
+        self._keys = keys.new_empty(batch, heads, length + headroom, dim)
+        self._values = values.new_empty(batch, heads, length + headroom, dim)
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self.length = length
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        needed = self.length + key_states.shape[2]
+        if needed > self._keys.shape[2]:
+            capacity = max(needed, 2 * self._keys.shape[2])
+            for name in ("_keys", "_values"):
+                old = getattr(self, name)
+                grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, grown)
+        self._keys[:, :, self.length:needed] = key_states
+        self._values[:, :, self.length:needed] = value_states
+        self.length = needed
+        self._expose()
+        return self.keys, self.values
+
+
 class EmlocCache(DynamicCache):
     """A `DynamicCache` whose layers start with a fixed prefix (a task memory, possibly with a chunk appended).
 
@@ -201,17 +237,19 @@ class EmlocCache(DynamicCache):
     """
 
     def __init__(self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], batch_size: int):
-        data = []
+        layers = []
         self.prefix_positions: list[torch.Tensor | None] = []
         for entry in prefix:
             if entry is None:  # a layer the pass does not run
-                data.append((None, None))
+                layers.append(DynamicLayer())
                 self.prefix_positions.append(None)
                 continue
             keys, values, positions = entry
-            data.append((keys.unsqueeze(0).expand(batch_size, -1, -1, -1), values.unsqueeze(0).expand(batch_size, -1, -1, -1)))
+            layers.append(PrefixedLayer(keys.unsqueeze(0).expand(batch_size, -1, -1, -1),
+                                        values.unsqueeze(0).expand(batch_size, -1, -1, -1)))
             self.prefix_positions.append(positions)
-        super().__init__(ddp_cache_data=data)
+        super().__init__()
+        self.layers = layers
         self.prefix_lengths = [p.shape[1] if p is not None else 0 for p in self.prefix_positions]
         self.rows = batch_size
         device = next((p.device for p in self.prefix_positions if p is not None), torch.device("cpu"))
@@ -529,7 +567,7 @@ class Probe:
             scores = observer.per_layer[layer][:, start:start + chunk.length]
             importance.append(smooth(scores, builder.pool_width))
         self.importance = importance
-        self.passes = 0
+        self.passes = self.evaluations = 0  # layer passes of the probe, and candidate evaluations
 
     def divergence(self, start_layer: int, kept: dict[int, torch.Tensor | None]) -> float:
         """Mean JS between the probe's answer distributions with layers `start_layer…` pruned as `kept` and the
@@ -540,6 +578,7 @@ class Probe:
         segment = Segment(self.entering[start_layer], self.segment.rope_positions, self.segment.text_positions, self.segment.valid)
         hidden, _ = run_layers(family, segment, cache, start=start_layer)
         self.passes += family.num_layers - start_layer
+        self.evaluations += 1
         return js_divergence(family.logits(hidden[self.predicting]), self.reference).mean().item()
 
 
@@ -731,6 +770,7 @@ class EmlocMethod(CompressionMethod):
             "ratios": [round(chosen[l], 4) for l in range(num_layers)],
             "js": [round(divergences[l], 6) for l in range(num_layers)],
             "probe_layer_passes": probe.passes,
+            "probe_evaluations": probe.evaluations,  # restarting each from layer 0 would cost evaluations x L passes
         }
         return [kept[l] for l in range(num_layers)], stats
 
@@ -927,7 +967,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, memory: TaskMemory | str | None = None,
                 select: float | None = None, **kwargs):
         """Logits `[batch, seq, vocab]` of `input_ids` answered from `memory` (the active memory if None is given and
-        one is set; plain zero-shot if there is none). Media tensors (`pixel_values`, ...) are passed through."""
+        one is set; the base model alone if there is none — then pass `processor(..., add_template_prefix=True)`
+        inputs for zero-shot answers in the full context's format). Media tensors (`pixel_values`, ...) pass through."""
         memory = self._resolve_memory(memory)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask if attention_mask is not None else torch.ones_like(input_ids), **kwargs}
         inputs.pop("token_types", None)
@@ -982,6 +1023,15 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
             selector = MemorySelector(float(select), cache, segment.valid, self.config.pool_width)
         hidden, _ = run_layers(self.family, segment, cache, selector=selector)
         return self.family.logits(hidden), cache, segment
+
+    def _prefix_memory(self, processor: EmlocProcessor) -> TaskMemory:
+        """The template prefix alone as a memory (zero-shot answering)."""
+        prefix = processor.encode_prefix()
+        memory = self._empty_memory()
+        if len(prefix) == 0:
+            return memory
+        chunk = self._prefill_chunk(memory, prefix)
+        return TaskMemory([layer.append(chunk.kept(i, None)) for i, layer in enumerate(memory.layers)], chunk.next_position)
 
     def _resolve_memory(self, memory: TaskMemory | str | None) -> TaskMemory | None:
         if isinstance(memory, str):
@@ -1080,6 +1130,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         if processor is None:
             raise ValueError("score_choices needs the processor")
         memory = self._resolve_memory(memory)
+        if memory is None:  # zero-shot: the query follows the template prefix, as it would in a full context
+            memory = self._prefix_memory(processor)
         examples = load_examples(queries, require_answer=False)
         history_examples = load_examples(history) if history is not None else None
         results = []

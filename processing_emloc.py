@@ -556,6 +556,15 @@ class EmlocProcessor(ProcessorMixin):
             self._tokenize_text(generation_prompt, TEMPLATE),
         ])
 
+    def encode_prefix(self) -> EncodedSpan:
+        """The template prefix alone (system turn, BOS): what precedes the first turn of any conversation. A query
+        answered without a memory (zero-shot) follows it, exactly as in a full context."""
+        if self.template == "plain":
+            return self._plain_prefix()
+        stand_in = Example(content=[{"type": "text", "text": "Hello."}], answer="Hi.", where="<template prefix>")
+        _, prefix = self._split_template_prefix(self._render([self._message(stand_in)]), stand_in)
+        return prefix
+
     def encode_choice(self, choice: str) -> torch.Tensor:
         """`tokenizer(choice, add_special_tokens=False)` — the tokens scored as the start of the reply."""
         return torch.tensor(self.tokenizer(choice, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -579,15 +588,23 @@ class EmlocProcessor(ProcessorMixin):
         data.update(EncodedSpan.concat(spans).media)
         return BatchFeature(data)
 
-    def __call__(self, queries=None, return_tensors: str | None = "pt", history=None, **kwargs) -> BatchFeature:
-        """Queries (dicts in the demonstration format, answer optional, or a JSONL path) → a left-padded batch."""
+    def __call__(self, queries=None, return_tensors: str | None = "pt", history=None, add_template_prefix: bool = False,
+                 **kwargs) -> BatchFeature:
+        """Queries (dicts in the demonstration format, answer optional, or a JSONL path) → a left-padded batch.
+
+        A memory holds the template prefix, so queries come without it; `add_template_prefix=True` puts it in front
+        of each query, for the base model without any memory (zero-shot `generate`)."""
         if queries is None:
             raise ValueError("EmlocProcessor needs queries")
         if isinstance(queries, dict):
             queries = [queries]
         examples = load_examples(queries, require_answer=False)
         history = load_examples(history, require_answer=True) if history is not None else None
-        return self.collate([self.encode_query(q, history) for q in examples])
+        spans = [self.encode_query(q, history) for q in examples]
+        if add_template_prefix:
+            prefix = self.encode_prefix()
+            spans = [EncodedSpan.concat([prefix, span]) for span in spans]
+        return self.collate(spans)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)

@@ -6,6 +6,8 @@
 `--model`: an Emloc repo directory or Hub id, or `smollm2-135m` / `gemma3-270m` (offline models). Queries are scored by
 their `choices` (`model.score_choices`); scoring goes through the `evaluate` library with the metric scripts shipped in
 `metrics/` (accuracy, exact match after normalisation, fidelity to `full`: top-choice agreement and mean JS).
+Several processes split the queries: `accelerate launch --multi_gpu --num_processes N examples/evaluate_memory.py ...`
+(on a machine without GPUs the processes run on the CPU).
 
 Methods (a comma-separated list; `@F` is a kept fraction of the full context's KV, `[k=v;...]` parameters):
     zero-shot                 no memory
@@ -351,7 +353,8 @@ def evaluate(args) -> dict:
     from metrics import load_metric
     from processing_emloc import load_examples
 
-    state = PartialState()
+    # without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join as CPU processes (gloo)
+    state = PartialState(cpu=not torch.cuda.is_available())
     metrics = {"accuracy": load_metric("emloc_accuracy"), "exact_match": load_metric("emloc_exact_match"),
                "fidelity": load_metric("emloc_fidelity")}
     model, processor, base_dir = load_model(args.model, args.template)

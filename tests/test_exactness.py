@@ -131,3 +131,33 @@ def test_score_choices_equals_full_context_log_probabilities(tiny, family):
             log_probs = torch.log_softmax(model.model(**inputs).logits[0].float(), dim=-1)
         expected = sum(log_probs[start - 1 + i, token].item() for i, token in enumerate(choice_ids))
         assert score == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-vl"])
+def test_zero_shot_scores_follow_the_template_prefix(tiny, family):
+    """Without a memory, a query is scored after the template prefix alone — the full context with no demos."""
+    from transformers import AutoTokenizer
+
+    model, processor, base_dir = tiny(family)
+    tokenizer = processor.tokenizer
+    system = "{{ '<|im_start|>system\\nAnswer briefly.<|im_end|>\\n' }}"
+    processor.base_processor.chat_template = system + processor.base_processor.chat_template
+    if hasattr(processor.base_processor, "tokenizer"):
+        processor.base_processor.tokenizer.chat_template = processor.base_processor.chat_template
+    assert tokenizer.decode(processor.encode_prefix().input_ids) == "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+    query = dict(queries_for(family, 1)[0], choices=["3", "setosa"])
+    scores = model.score_choices([query], processor=processor)[0]
+    inputs = processor([query], add_template_prefix=True)
+    inputs.pop("token_types")
+    with torch.no_grad():
+        first = torch.log_softmax(model.model(**{k: v for k, v in inputs.items()}, **_mm_types(model, inputs)).logits[0, -1].float(), -1)
+    assert scores[0] == pytest.approx(first[processor.encode_choice("3")[0]].item(), abs=1e-4)
+
+
+def _mm_types(model, inputs):
+    if "pixel_values" not in inputs:
+        return {}
+    ids = inputs["input_ids"]
+    types = torch.zeros_like(ids, dtype=torch.int)
+    types[ids == model.model.config.image_token_id] = 1
+    return {"mm_token_type_ids": types}
