@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install kvpress clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-test: $(VENV)/.installed
+# the optional kvpress baseline lives in its own environment (kvpress pins transformers < 5.3)
+kvpress:
+	bash examples/setup_kvpress.sh
+
+test: $(VENV)/.installed kvpress
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: $(VENV)/.installed kvpress
+	$(PY) examples/benchmark.py --out benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info
