@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +219,10 @@ def base_model_fingerprint(model: torch.nn.Module, config: Any) -> str:
     """
     digest = hashlib.sha256()
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # where and how the checkpoint was loaded, not what it computes; a quantisation that changes the weights shows in
+    # the weight samples (a GGUF file dequantised on load gives the same model as its converted copy)
     volatile = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset",
-                "architectures", "auto_map", "use_cache", "_commit_hash"}
+                "architectures", "auto_map", "use_cache", "_commit_hash", "quantization_config"}
 
     def clean(value):
         if isinstance(value, dict):

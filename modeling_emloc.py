@@ -15,14 +15,13 @@ under a Jensen-Shannon divergence bound. The file reads in pipeline order:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +39,13 @@ from transformers.modeling_utils import AttentionInterface
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
-    from .processing_emloc import ANSWER, IMAGE, TEMPLATE, TEXT, EncodedSpan, EmlocProcessor, load_examples
+    from .processing_emloc import ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, load_examples
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
     from memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
-    from processing_emloc import ANSWER, IMAGE, TEMPLATE, TEXT, EncodedSpan, EmlocProcessor, load_examples
+    from processing_emloc import ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, load_examples
 
 
-TOKEN_TYPES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer"}
 REMOTE_CODE_FILES = ("configuration_emloc.py", "modeling_emloc.py", "processing_emloc.py", "memory_emloc.py")
 
 
@@ -70,6 +68,10 @@ class TextFamily:
     @property
     def layers(self) -> torch.nn.ModuleList:
         return self.decoder.layers
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where a decoder layer's weights live (layers differ when `device_map` shards the base model)."""
+        return next(self.layers[layer].parameters()).device
 
     @property
     def num_layers(self) -> int:
@@ -115,7 +117,8 @@ class TextFamily:
         return [shared] * self.num_layers
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(self.decoder.norm(hidden))
+        hidden = hidden.to(self.model.lm_head.weight.device)
+        logits = self.model.lm_head(self.decoder.norm(hidden.to(self.decoder.norm.weight.device)).to(hidden.device))
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -278,7 +281,9 @@ class EmlocCache(DynamicCache):
         positions = self.prefix_positions[layer]
         if positions is None or positions.shape[1] == 0:
             return new_part
+        positions = positions.to(new_part.device)
         keep = self.prefix_keep[layer]
+        keep = keep.to(new_part.device) if keep is not None else None
         if sliding_window is None and keep is None:
             prefix_part = torch.ones(self.rows, 1, num_new, positions.shape[1], dtype=torch.bool, device=new_part.device)
             return torch.cat([prefix_part, new_part], dim=-1)
@@ -462,9 +467,11 @@ def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: i
         for layer in range(start, stop):
             if keep_hidden:
                 entering.append(hidden)
-            mask = cache.attention_mask(layer, num_new, groups, family.sliding_window(layer))
+            device = family.layer_device(layer)
+            mask = cache.attention_mask(layer, num_new, groups, family.sliding_window(layer)).to(device)
+            cos, sin = position_embeddings[layer]
             hidden = family.layers[layer](
-                hidden, attention_mask=mask, position_embeddings=position_embeddings[layer],
+                hidden.to(device), attention_mask=mask, position_embeddings=(cos.to(device), sin.to(device)),
                 past_key_values=cache, use_cache=True, **extra,
             )
             if isinstance(hidden, tuple):
@@ -472,8 +479,10 @@ def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: i
     return hidden, entering
 
 
-def memory_prefix(memory: TaskMemory, extra: Sequence[MemoryLayer | None] | None = None, from_layer: int = 0) -> list:
-    """Per layer `(keys, values, positions)` of `memory` (with `extra[l]` appended), None below `from_layer`."""
+def memory_prefix(memory: TaskMemory, extra: Sequence[MemoryLayer | None] | None = None, from_layer: int = 0,
+                  family: TextFamily | None = None) -> list:
+    """Per layer `(keys, values, positions)` of `memory` (with `extra[l]` appended), None below `from_layer`; on each
+    layer's device when `family` is given."""
     prefix = []
     for index, layer in enumerate(memory.layers):
         if index < from_layer:
@@ -481,7 +490,11 @@ def memory_prefix(memory: TaskMemory, extra: Sequence[MemoryLayer | None] | None
             continue
         if extra is not None and extra[index] is not None:
             layer = layer.append(extra[index])
-        prefix.append((layer.keys, layer.values, layer.positions))
+        entry = (layer.keys, layer.values, layer.positions)
+        if family is not None:
+            device = family.layer_device(index)
+            entry = tuple(t.to(device) for t in entry)
+        prefix.append(entry)
     return prefix
 
 
@@ -1015,7 +1028,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         self._check_memory_fits(memory)
         memory = memory.to(device=self.model.device, dtype=self.model.dtype)
         segment = self._segment(inputs, start_position=memory.next_position)
-        cache = EmlocCache(memory_prefix(memory), batch_size=segment.hidden.shape[0])
+        cache = EmlocCache(memory_prefix(memory, family=self.family), batch_size=segment.hidden.shape[0])
         if select is not None and not 0 < select:
             raise ValueError(f"select must be a fraction in (0, 1] or a token count, got {select}")
         selector = None
@@ -1216,14 +1229,14 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         full_tokens = int(full_types.shape[0])
         bytes_per_token = 2 * family.num_kv_heads * family.head_dim * self.model.dtype.itemsize
         layers = []
-        kept_by_type = {name: 0.0 for name in TOKEN_TYPES.values()}
+        kept_by_type = {name: 0.0 for name in TOKEN_TYPE_NAMES.values()}
         for layer in memory.layers:
             layers.append({"full": full_tokens + (previous or {}).get("totals", {}).get("full_tokens", 0), "kept": layer.num_tokens})
-            for type_id, name in TOKEN_TYPES.items():
+            for type_id, name in TOKEN_TYPE_NAMES.items():
                 kept_by_type[name] += float((layer.token_types == type_id).sum()) / layer.keys.shape[0]
         if previous:
             full_tokens += previous.get("totals", {}).get("full_tokens", 0)
-        full_by_type = {name: int((full_types == type_id).sum()) for type_id, name in TOKEN_TYPES.items()}
+        full_by_type = {name: int((full_types == type_id).sum()) for type_id, name in TOKEN_TYPE_NAMES.items()}
         if previous:
             for name in full_by_type:
                 full_by_type[name] += previous.get("token_types", {}).get(name, {}).get("full", 0)
@@ -1241,7 +1254,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
                 "kept_ratio": round(kept_kv_bytes / full_kv_bytes, 6) if full_kv_bytes else 0.0,
             },
             "token_types": {name: {"full": full_by_type[name], "kept": round(kept_by_type[name] / max(1, len(layers)), 2)}
-                            for name in TOKEN_TYPES.values()},
+                            for name in TOKEN_TYPE_NAMES.values()},
             "layers": layers,
             "build": {"seconds": round(seconds + ((previous or {}).get("build", {}).get("seconds", 0.0)), 3),
                       "chunks": ((previous or {}).get("build", {}).get("chunks", [])) + chunk_stats},

@@ -206,7 +206,6 @@ def build_memory(model, press, input_ids, token_types, full_kv, press_name: str,
 def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name: str, press, cr: float,
                  fingerprint: str, seconds: float, itemsize: int) -> dict:
     """`memory_config.json` content, the same keys as the main venv's builder writes (design §7)."""
-    import kvpress
     import transformers
 
     full_tokens = int(token_types.shape[0])

@@ -179,13 +179,19 @@ def base_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> pat
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(root, name)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
+    return _write_atomically(target, lambda tmp: _convert(name, tmp))
+
+
+def _write_atomically(target: pathlib.Path, write) -> pathlib.Path:
+    """Runs ``write(tmp)`` on a temporary sibling of ``target`` and renames it into place: a killed run never leaves
+    a half-written cache, and a concurrent run that finished first keeps its copy."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        _convert(name, tmp)
+        write(tmp)
         try:
             tmp.rename(target)
-        except OSError:  # another process finished first: keep its copy
+        except OSError:
             if not (target / "config.json").is_file():
                 raise
     finally:
@@ -211,19 +217,12 @@ def emloc_repo_dir(name: str, template: str = "plain", cache_dir: str | os.PathL
     if (target / "config.json").is_file() and (target / "processor_config.json").is_file():
         return target
     base = base_model_dir(name, cache_dir)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=root))
-    try:
-        tmp.chmod(0o755)
+
+    def write(tmp):
         EmlocForConditionalGeneration.from_base(str(base)).save_pretrained(tmp)
         EmlocProcessor.from_base(str(base), template=template).save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return _write_atomically(target, write)
 
 
 def main() -> None:

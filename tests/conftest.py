@@ -9,7 +9,6 @@ for path in (ROOT, ROOT / "examples", Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 FAMILIES = ("llama", "gemma3", "qwen2-vl", "qwen2.5-vl")
 TEXT_FAMILIES = ("llama", "gemma3")
@@ -40,7 +39,6 @@ def tiny(tmp_path_factory):
 def digit_image(index: int, size: int = 56):
     """A scikit-learn digit (8x8, real data) upscaled to an RGB PIL image."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
     digits = _digits()
     pixels = (digits.images[index] * (255 / 16)).astype("uint8")

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, VL_FAMILIES, demos_for, queries_for
-from modeling_emloc import (COMPRESSION_METHODS, EmlocCache, Probe, js_divergence, memory_prefix, run_layers, smooth,
+from modeling_emloc import (COMPRESSION_METHODS, Probe, js_divergence, smooth,
                             top_tokens)
-from memory_emloc import TaskMemory
-from processing_emloc import ANSWER, IMAGE
+from processing_emloc import ANSWER
 
 
 def _build(model, processor, family, **kwargs):

@@ -5,7 +5,6 @@ import torch
 
 from conftest import FAMILIES, demos_for, queries_for
 from modeling_emloc import EmlocCache, Segment, memory_prefix, run_layers
-from processing_emloc import EncodedSpan, load_examples
 from reference import full_inputs, reference_logits
 
 ATOL = 1e-4
@@ -136,7 +135,6 @@ def test_score_choices_equals_full_context_log_probabilities(tiny, family):
 @pytest.mark.parametrize("family", ["llama", "qwen2-vl"])
 def test_zero_shot_scores_follow_the_template_prefix(tiny, family):
     """Without a memory, a query is scored after the template prefix alone — the full context with no demos."""
-    from transformers import AutoTokenizer
 
     model, processor, base_dir = tiny(family)
     tokenizer = processor.tokenizer

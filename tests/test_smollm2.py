@@ -2,7 +2,6 @@
 
 import time
 
-import pytest
 import torch
 
 from conftest import text_demos, text_queries
@@ -42,3 +41,22 @@ def test_query_time_with_memory_vs_reprefill(smollm2):
           f"{torch.get_num_threads()} threads: with memory {timings['memory'] * 1000:.0f} ms, "
           f"re-prefill {timings['re-prefill'] * 1000:.0f} ms ({timings['re-prefill'] / timings['memory']:.1f}x)")
     assert timings["memory"] > 0
+
+
+def test_from_base_reads_the_gguf_file_directly(smollm2):
+    """`from_base(dir, gguf_file=...)` (dequantised by transformers) gives the same model as the cached conversion."""
+    from offline_models import _smollm2_gguf
+
+    from modeling_emloc import EmlocForConditionalGeneration
+    from processing_emloc import EmlocProcessor
+
+    model, processor, _ = smollm2
+    gguf = _smollm2_gguf(None)
+    from_gguf = EmlocForConditionalGeneration.from_base(str(gguf.parent), gguf_file=gguf.name)
+    gguf_processor = EmlocProcessor.from_base(str(gguf.parent), gguf_file=gguf.name, template="plain")
+    query = text_queries(1)
+    batch = processor(query)
+    assert torch.equal(gguf_processor(query)["input_ids"], batch["input_ids"])
+    batch.pop("token_types")
+    torch.testing.assert_close(from_gguf(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert from_gguf.fingerprint() == model.fingerprint()
