@@ -429,12 +429,14 @@ class EmlocProcessor(ProcessorMixin):
         processor = self.base_processor
         image_token, video_token = getattr(processor, "image_token", None), getattr(processor, "video_token", None)
         placeholders = sorted(
-            [(m.start(), "image") for m in re.finditer(re.escape(image_token), text)] if image_token else []
-        ) + sorted([(m.start(), "video") for m in re.finditer(re.escape(video_token), text)] if video_token else [])
+            (match.start(), kind)
+            for kind, token in (("image", image_token), ("video", video_token)) if token
+            for match in re.finditer(re.escape(token), text)
+        )
         if not placeholders:
             return self._tokenize_text(text, token_type)
         images, videos = [], []
-        for _, kind in sorted(placeholders):
+        for _, kind in placeholders:
             part = next(media, None)
             if part is None or part["type"] != kind:
                 raise ExampleError(f"{where}: the chat template's image/video placeholders do not match the content")

@@ -43,7 +43,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def _base_model(model):
     """The base `PreTrainedModel` of an Emloc model (or the model itself)."""
-    return model.model if isinstance(model, EmlocForConditionalGeneration) else model
+    # an Emloc model may come from remote code (`AutoModel(..., trust_remote_code=True)`): its class is a copy of ours
+    return model.model if getattr(model.config, "model_type", None) == "emloc" else model
 
 
 def training_rows(processor: EmlocProcessor, demos) -> list[EncodedSpan]:

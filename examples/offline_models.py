@@ -215,6 +215,7 @@ def emloc_repo_dir(name: str, template: str = "plain", cache_dir: str | os.PathL
     root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_root()
     target = root.expanduser() / f"{name}-emloc-{template}"
     if (target / "config.json").is_file() and (target / "processor_config.json").is_file():
+        _sync_remote_code(target)
         return target
     base = base_model_dir(name, cache_dir)
 
@@ -223,6 +224,16 @@ def emloc_repo_dir(name: str, template: str = "plain", cache_dir: str | os.PathL
         EmlocProcessor.from_base(str(base), template=template).save_pretrained(tmp)
 
     return _write_atomically(target, write)
+
+
+def _sync_remote_code(repo: pathlib.Path) -> None:
+    """A cached repo carries a copy of the Emloc modules (its remote code): bring it up to date with this checkout,
+    or `AutoModel.from_pretrained(repo, trust_remote_code=True)` would run the code of the day it was cached."""
+    source_dir = pathlib.Path(__file__).resolve().parent.parent
+    for source in source_dir.glob("*_emloc.py"):
+        target = repo / source.name
+        if not target.is_file() or target.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, target)
 
 
 def main() -> None:
