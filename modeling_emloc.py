@@ -921,7 +921,6 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         self._memories: dict[str, TaskMemory] = {}
         self._active_memory: str | None = None
         self._family = None
-        self._fingerprint = None
         self.post_init()
 
     # -- construction ---------------------------------------------------------------------------------------------------
@@ -1261,10 +1260,9 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         }
 
     def fingerprint(self) -> str:
-        """Hash of the base model's config and weights; memories record it and loading checks it."""
-        if self._fingerprint is None:
-            self._fingerprint = base_model_fingerprint(self.model, self.model.config)
-        return self._fingerprint
+        """Hash of the base model's config and weights; memories record it and loading checks it. Recomputed at each
+        call (a strided sample per tensor, milliseconds), so it follows the weights if they change."""
+        return base_model_fingerprint(self.model, self.model.config)
 
     # -- named memories -------------------------------------------------------------------------------------------------
 

@@ -142,16 +142,17 @@ def test_js_is_float32_and_never_nan():
 
 
 def test_bfloat16_build_has_no_nan(tiny):
-    model, processor, _ = tiny("llama")
-    model.model.to(torch.bfloat16)
-    try:
-        memory = _build(model, processor, "llama", delta=0.005)
-        for chunk in memory.stats["build"]["chunks"]:
-            assert not any(math.isnan(js) for js in chunk["js"])
-        assert memory.layers[0].keys.dtype == torch.bfloat16
-        assert not torch.isnan(_logits(model, processor, memory, "llama")).any()
-    finally:
-        model.model.to(torch.float32)
+    import copy
+
+    from modeling_emloc import EmlocForConditionalGeneration
+
+    shared, processor, _ = tiny("llama")
+    model = EmlocForConditionalGeneration.from_base(copy.deepcopy(shared.model).to(torch.bfloat16))
+    memory = _build(model, processor, "llama", delta=0.005)
+    for chunk in memory.stats["build"]["chunks"]:
+        assert not any(math.isnan(js) for js in chunk["js"])
+    assert memory.layers[0].keys.dtype == torch.bfloat16
+    assert not torch.isnan(_logits(model, processor, memory, "llama")).any()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
