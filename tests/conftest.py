@@ -15,6 +15,17 @@ TEXT_FAMILIES = ("llama", "gemma3")
 VL_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
 
 
+_SHARED_MODELS = []  # session-scoped models: every test starts with none of their memories loaded
+
+
+@pytest.fixture(autouse=True)
+def _unload_memories():
+    yield
+    for model in _SHARED_MODELS:
+        for name in list(model.memories):
+            model.delete_memory(name)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """`tiny(family)` → `(model, processor, base_dir)`: a seeded tiny base wrapped as an Emloc model (cached)."""
@@ -29,6 +40,7 @@ def tiny(tmp_path_factory):
             base_dir = build_tiny_base(family, tmp_path_factory.mktemp(family.replace(".", "_")))
             model = EmlocForConditionalGeneration.from_base(str(base_dir))
             built[family] = (model, base_dir)
+            _SHARED_MODELS.append(model)
         model, base_dir = built[family]
         processor = EmlocProcessor.from_base(str(base_dir), template=template, trust_remote_code=True)
         return model, processor, base_dir
@@ -112,7 +124,9 @@ def smollm2():
     from processing_emloc import EmlocProcessor
 
     base_dir = base_model_dir("smollm2-135m")
-    return EmlocForConditionalGeneration.from_base(str(base_dir)), EmlocProcessor.from_base(str(base_dir), template="plain"), base_dir
+    model = EmlocForConditionalGeneration.from_base(str(base_dir))
+    _SHARED_MODELS.append(model)
+    return model, EmlocProcessor.from_base(str(base_dir), template="plain"), base_dir
 
 
 # ---- BEGIN local_hub fixture (tests/hub_server.py) -------------------------------------------------

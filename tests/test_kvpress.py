@@ -63,7 +63,7 @@ def _query_batch(processor, count=2):
 def test_kvpress_with_nothing_removed_equals_our_full_memory(kvpress_memories, press):
     model, processor, ours, memories, length = kvpress_memories
     directory = memories / f"{press}-kept100-removed00"
-    memory = model.load_memory(directory, name=f"kvpress-{press}")  # checks the fingerprint
+    memory = model.load_memory(directory, name=f"kvpress-{press}", activate=False)  # checks the fingerprint
     assert memory.next_position == ours.next_position == length
     assert memory.tokens_per_layer() == [length] * model.family.num_layers
     config = json.loads((directory / "memory_config.json").read_text())
@@ -82,7 +82,7 @@ def test_kvpress_snapkv_positions_are_recovered(kvpress_memories):
     (ours is built in chunks of 4, kvpress's in one pass: equal up to float rounding, far from any other position)."""
     model, processor, ours, memories, length = kvpress_memories
     directory = memories / "snapkv-kept30-removed70"
-    memory = model.load_memory(directory, name="kvpress-snapkv-30")
+    memory = model.load_memory(directory, name="kvpress-snapkv-30", activate=False)
     config = json.loads((directory / "memory_config.json").read_text())
     assert config["method"]["params"]["compression_ratio"] == pytest.approx(0.7)
     assert config["method"]["params"]["kept_ratio"] == pytest.approx(0.3)
