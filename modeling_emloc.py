@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,15 @@ from transformers.modeling_utils import AttentionInterface
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
-    from .processing_emloc import ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, load_examples
+    from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
+                                   load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
     from memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
-    from processing_emloc import ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, load_examples
+    from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
+                                  load_examples)
 
 
-REMOTE_CODE_FILES = ("configuration_emloc.py", "modeling_emloc.py", "processing_emloc.py", "memory_emloc.py")
 
 
 # =====================================================================================================================
@@ -957,11 +957,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         }
         self.config.architectures = [type(self).__name__]
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        here = Path(__file__).resolve().parent
-        for name in REMOTE_CODE_FILES:
-            source, target = here / name, Path(save_directory) / name
-            if source.is_file() and source.resolve() != target.resolve():
-                shutil.copyfile(source, target)
+        _copy_remote_code(save_directory)
         return result
 
     @property

@@ -196,7 +196,7 @@ def rices_scores(model, processor, demos, queries, k: int, state=None):
             batch = processor.collate([span])
             batch.pop("token_types")
             with torch.no_grad():
-                out = model.model(**{k: v for k, v in batch.items()}, output_hidden_states=True)
+                out = model.model(**batch, output_hidden_states=True)
             vectors.append(torch.nn.functional.normalize(out.hidden_states[-1][0].mean(0).float(), dim=0))
         return torch.stack(vectors)
 
