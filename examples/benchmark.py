@@ -1,51 +1,619 @@
-"""The benchmark suite (`make bench`): EMLoC against zero-shot, the full context, kvpress presses, random, RICES and
-LoRA on few-shot tasks from real data, plus scaling figures. Writes `benchmarks/` (one report per task, a suite
-report, plots and the machine it ran on).
+"""The benchmark (`make bench`): task memories against zero-shot, the full context, random pruning, kvpress presses
+(KVzip included), RICES and LoRA, on few-shot tasks from real data and two real models, with paired bootstrap
+intervals. Writes `benchmarks/`.
 
-    python examples/benchmark.py --out benchmarks [--tasks iris,wine] [--budgets 0.1,0.2,0.3,0.5] [--skip-scaling]
+Protocol (design §5, issue 9):
+  * Tasks: `examples/tasks.py` (scikit-learn's bundled data). For each model a task is *screened* on its own split
+    (seed `--screen-seed`, 100) with zero-shot and the full context, and kept only if the full context gains at least
+    `--min-gain` (15 points); the report says which tasks were dropped and why.
+  * Splits: each reported seed (`--seeds`, 0,1,2,3) draws `--demos` demonstrations (90) and `Q` held-out queries,
+    `Q = min(--queries, rows - demos)` (60; iris's 150 rows give 60), so 4 seeds pool 240 scored queries per task and
+    model. Every split builds its own memories (`examples/evaluate_memory.py`, one run per split, results in
+    `OUT/<model>/<task>/seed<k>/`).
+  * The screening split is also the *option-selection* split: `--selection` runs `--methods` on it (into
+    `OUT/<model>/<task>/select-seed100/`, report in `OUT/selection/`). Choose options there; report them on the
+    seeds. Seed 100 is never a reported seed.
+  * Per method, pooled over splits: accuracy, retained gain `(acc - zero) / (full - zero)`, agreement and mean JS to
+    `full` (per query, over the choices), kept KV share, build seconds, build / one full prefill (the `full` memory's
+    build in the same split), seconds per query; 95 % paired bootstrap intervals (queries resampled within their
+    split, `--bootstrap` resamples, seeded) for accuracy, the difference to `full`, the difference to `random` at the
+    same kept share (`random@LABEL` for a memory `LABEL` and for `X@LABEL`, `random@F` for `X@F`), and for a memory
+    `LABEL` the difference to every `X@LABEL`.
+  * Methods: `--methods` (default: the suite below; `--quick` a short list). `default` is the library's default
+    method (`build_memory` with no method argument); `--default-method NAME` says which registered method that is
+    expected to be (the report checks what the memories recorded).
 
-Tasks are kept only where the full context clearly beats zero-shot on SmolLM2-135M (the report says which and why).
+Run it in pieces (a split whose `results.json` exists is not rerun; `--force` reruns it), the report is rebuilt from
+every split on disk after each split and with `--report-only`:
+
+    python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 0,1          # a first piece
+    python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 2,3          # more of it
+    python examples/benchmark.py --models gemma3-270m --quick                             # short method list
+    python examples/benchmark.py --selection --models smollm2-135m --tasks iris \\
+        --methods "zero-shot,full,emloc,emloc[probe=future;protect=extra],random@emloc"  # choose options on seed 100
+    python examples/benchmark.py --report-only                                            # report.md, results.json, plots
+    python examples/benchmark.py --report-only --scaling                                  # only the scaling figures
+    make bench BENCH_ARGS="--models smollm2-135m --quick"
+
+The kvpress presses need the side venv (`make kvpress`); without it they are left out (the run says so). kvpress
+0.5.5 refuses KVzip on Gemma 3: those rows read "failed: ... not supported for Gemma3ForCausalLM". A method that
+fails on a split is recorded there and pooled over the splits where it ran (marked `*`).
+
+Outputs: `OUT/report.md` (per model a table per task, differences, cost; a summary table for the README; targets of
+issue 9 for `default`), `OUT/results.json` (pooled numbers, intervals, pointers to every split), and per model
+`OUT/accuracy_vs_kept_<model>.png` (accuracy against kept KV per task, 95 % intervals as error bars).
+`--models` also takes an Emloc repo directory (e.g. a tiny one from `examples/tiny_models.py`, for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import statistics
+import math
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import evaluate_memory  # noqa: E402
-from tasks import make_task, write_jsonl  # noqa: E402
+from stats import choice_js, paired_bootstrap, top_choice  # noqa: E402
+from tasks import make_task, task_rows, write_jsonl  # noqa: E402
 
-KVPRESS = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random")
+MODELS = ("smollm2-135m", "gemma3-270m")
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
+TASKS = ("iris", "digits_text", "wine", "breast_cancer", "digits_text_346", "diabetes")
+SEEDS = (0, 1, 2, 3)
+SCREEN_SEED = 100  # screening and option selection; never a reported seed
+MIN_GAIN = 0.15
+MIN_POOLED_QUERIES = 200
+DEFAULT_METHOD = "emloc"  # the registered method `build_memory` uses with no method argument (--default-method)
+
+SUITE = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default",
+         "streamingllm@default", "tova@default", "kvzip@default", "kvzip@emloc", "kvzip@0.1", "kvzip@0.25", "kvzip@0.5",
+         "random@0.1", "random@0.25", "random@0.5", "rices[k=8]", "lora[epochs=5;learning_rate=0.002]"]
+QUICK = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default", "kvzip@default"]
+NO_KEPT_SHARE = ("zero-shot", "lora")  # methods that hold no memory (their kept KV is 0 by definition)
 
 
-def suite_methods(budgets: list[float], kvpress: bool) -> str:
-    methods = ["zero-shot", "full", "emloc", "rices[k=8]", "lora[epochs=5;learning_rate=0.002]"]
-    methods += ["random@emloc"] + [f"random@{b}" for b in budgets]
-    if kvpress:
-        methods += [f"{p}@emloc" for p in KVPRESS] + [f"snapkv@{b}" for b in budgets]
-    methods += ["emloc+select@0.5", "full+select@0.1", "full+select@0.3"]
-    return ",".join(methods)
+# ---------------------------------------------------------------------------------------------------------------------
+# Running splits
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-EMLOC_OPTIONS = "full,emloc[probe=heldout],emloc[budget=0.3],emloc[delta=0.001]"
+def model_key(model: str) -> str:
+    """The directory name of a model: its offline name, or a repo directory's name."""
+    return model if model in MODELS else re.sub(r"[^\w.+-]", "_", Path(model).name or model)
 
 
-def run_task(task: str, out: Path, model: str, methods: str, demos: int, queries: int) -> dict:
-    data = out / "data" / task
-    demo_rows, query_rows = make_task(task, demos, queries)
-    write_jsonl(demo_rows, data / "demos.jsonl")
-    write_jsonl(query_rows, data / "queries.jsonl")
-    return evaluate_memory.main(["--model", model, "--demos", str(data / "demos.jsonl"), "--queries",
-                                 str(data / "queries.jsonl"), "--methods", methods, "--out", str(out / task),
-                                 "--task", task])
+def queries_per_split(task: str, demos: int, max_queries: int) -> int:
+    rows = task_rows(task)
+    queries = min(max_queries, rows - demos)
+    if queries < 1:
+        raise SystemExit(f"{task} has {rows} rows: no queries left after {demos} demonstrations")
+    return queries
+
+
+def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: int, queries: int,
+              force: bool = False) -> dict:
+    """One seeded split: its demonstrations and queries, every method on them (`evaluate_memory`), into `out`.
+    A split whose `results.json` exists is read back, not rerun (unless `force`)."""
+    results_path = out / "results.json"
+    if results_path.exists() and not force:
+        results = json.loads(results_path.read_text())
+        missing = [m for m in evaluate_memory.split_methods(methods) if m not in results["methods"]]
+        note = f"; without {', '.join(missing)} (rerun with --force to add them)" if missing else ""
+        print(f"[skip] {out} exists{note}", flush=True)
+        return results
+    demo_rows, query_rows = make_task(task, demos, queries, seed=seed)
+    write_jsonl(demo_rows, out / "demos.jsonl")
+    write_jsonl(query_rows, out / "queries.jsonl")
+    (out / "split.json").write_text(json.dumps({"model": model, "task": task, "seed": seed, "num_demos": demos,
+                                                "num_queries": queries, "methods": methods}, indent=2) + "\n")
+    started = time.perf_counter()
+    results = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
+                                    str(out / "queries.jsonl"), "--methods", methods, "--out", str(out), "--task", task])
+    print(f"[split] {out} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return results
+
+
+def screen_verdict(results: dict | None, min_gain: float) -> dict:
+    if results is None:
+        return {"kept": False, "verdict": "not screened"}
+    methods = results["methods"]
+    if "accuracy" not in methods.get("zero-shot", {}) or "accuracy" not in methods.get("full", {}):
+        return {"kept": False, "verdict": "screening failed"}
+    zero, full = methods["zero-shot"]["accuracy"], methods["full"]["accuracy"]
+    kept = full - zero >= min_gain
+    verdict = "kept" if kept else f"dropped: the full context gains {full - zero:+.3f} (< {min_gain:.2f})"
+    return {"kept": kept, "zero_shot": zero, "full": full, "gain": full - zero, "verdict": verdict,
+            "num_queries": results["num_queries"], "num_demos": results["num_demos"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def method_family(label: str) -> str:
+    """`kvzip@0.25` → `kvzip`, `emloc[probe=future]` → `emloc`, `rices[k=8]` → `rices`."""
+    return re.match(r"[^@\[+]*", label).group(0) or label
+
+
+def is_memory_label(label: str) -> bool:
+    """A memory built by our builder at its own size (`emloc`, `default`, `emloc[...]`, a registered method)."""
+    spec = evaluate_memory.parse_methods(label)[0]
+    return (spec.kept is None and spec.select is None and spec.name not in ("zero-shot", "full", "random")
+            and spec.name not in evaluate_memory.BASELINES and spec.name not in evaluate_memory.KVPRESS_PRESSES)
+
+
+def random_comparator(label: str) -> str | None:
+    """The `random` method at the same kept share as `label`: `random@LABEL` for a memory LABEL, `random@REF` for
+    `X@REF` (REF a fraction or a label); None where there is none (baselines, `full`, random itself, `+select`)."""
+    spec = evaluate_memory.parse_methods(label)[0]
+    if spec.name in ("zero-shot", "full", "random") or spec.name in evaluate_memory.BASELINES or spec.select is not None:
+        return None
+    if spec.kept is not None:
+        return "random@" + label.split("@", 1)[1]
+    return f"random@{label}" if is_memory_label(label) else None
+
+
+def load_answers(split_dir: Path, results: dict) -> list[str]:
+    if "answers" in results:
+        return results["answers"]
+    return [json.loads(line)["answer"] for line in (split_dir / "queries.jsonl").read_text().splitlines() if line.strip()]
+
+
+def per_query(results: dict, answers: list[str]) -> dict:
+    """Per method of one split: `correct`, `agree` (top choice = full's), `js` (to full), one value per query."""
+    methods = results["methods"]
+    full = methods.get("full", {}).get("choice_logprobs")
+    out = {}
+    for label, record in methods.items():
+        if "predictions" not in record:
+            continue
+        row = {"correct": [float(p == a) for p, a in zip(record["predictions"], answers)]}
+        if full is not None and record.get("choice_logprobs") is not None:
+            row["agree"] = [float(top_choice(m) == top_choice(f)) for m, f in zip(record["choice_logprobs"], full)]
+            row["js"] = [choice_js(m, f) for m, f in zip(record["choice_logprobs"], full)]
+        out[label] = row
+    return out
+
+
+def ordered_methods(splits: list[dict], preferred: list[str] | None = None) -> list[str]:
+    seen = []
+    for split in splits:
+        for label in split["results"]["methods"]:
+            if label not in seen:
+                seen.append(label)
+    first = [m for m in (preferred or []) if m in seen]
+    head = [m for m in ("zero-shot", "full") if m in seen and m not in first]
+    return head + first + [m for m in seen if m not in first and m not in head]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else None
+
+
+def aligned(splits: list[dict], labels: list[str], key: str) -> dict[str, np.ndarray]:
+    """Per label, `key` values over every query of every split, NaN where the method has no score."""
+    series = {}
+    for label in labels:
+        parts = []
+        for split in splits:
+            row = split["per_query"].get(label, {}).get(key)
+            parts.append(np.asarray(row, dtype=np.float64) if row is not None else np.full(split["num_queries"], np.nan))
+        series[label] = np.concatenate(parts) if parts else np.zeros(0)
+    return series
+
+
+def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) -> dict:
+    """Pooled numbers and paired bootstrap intervals of every method over the splits of one (model, task)."""
+    correct = aligned(splits, labels, "correct")
+    agree, js = aligned(splits, labels, "agree"), aligned(splits, labels, "js")
+    groups = np.concatenate([np.full(s["num_queries"], i) for i, s in enumerate(splits)])
+    contrasts, ratios = set(), []
+    for label in labels:
+        if label != "full" and "full" in correct:
+            contrasts.add((label, "full"))
+        comparator = random_comparator(label)
+        if comparator in correct:
+            contrasts.add((label, comparator))
+        if is_memory_label(label):
+            for other in labels:
+                if other != label and other.endswith(f"@{label}"):
+                    contrasts.add((label, other))
+        if "zero-shot" in correct and "full" in correct and label not in ("zero-shot", "full"):
+            ratios.append(label)
+    boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, resamples=resamples, seed=seed,
+                            gains=[(label, "zero-shot", "full") for label in ratios])
+    pooled = {}
+    for label in labels:
+        records = [(s, s["results"]["methods"].get(label, {})) for s in splits]
+        done = [(s, r) for s, r in records if "accuracy" in r]
+        full_builds = {id(s): s["results"]["methods"].get("full", {}).get("build_seconds") for s, _ in done}
+        build_ratio = [r["build_seconds"] / full_builds[id(s)] for s, r in done
+                       if r.get("build_seconds") is not None and full_builds[id(s)]]
+        n_done = sum(s["num_queries"] for s, _ in done)
+        entry = {
+            "accuracy": boot["mean"][label],
+            "retained_gain": boot["gain"].get(label),
+            "agreement": _mean(agree[label]) if label != "full" else 1.0,
+            "mean_js": _mean(js[label]) if label != "full" else 0.0,
+            "kept_ratio": 0.0 if method_family(label) in NO_KEPT_SHARE else _mean(r.get("kept_ratio") for _, r in done),
+            "build_seconds": _mean(r.get("build_seconds") for _, r in done),
+            "build_over_full_prefill": _mean(build_ratio),
+            "query_seconds_mean": (sum(r["query_seconds_mean"] * s["num_queries"] for s, r in done) / n_done) if n_done else None,
+            "num_queries": n_done,
+            "num_splits": len(done),
+            "errors": [{"seed": s["seed"], "error": r["error"]} for s, r in records if "error" in r],
+            "missing_splits": [s["seed"] for s, r in records if not r],
+        }
+        if label != "full" and (label, "full") in contrasts:
+            entry["vs_full"] = boot["diff"][f"{label}-full"]
+        comparator = random_comparator(label)
+        if comparator is not None:
+            entry["vs_random"] = {"against": comparator, **boot["diff"][f"{label}-{comparator}"]} \
+                if (label, comparator) in contrasts else {"against": comparator, "estimate": None, "missing": True}
+        same_share = {other: boot["diff"][f"{label}-{other}"] for a, other in sorted(contrasts)
+                      if a == label and other.endswith(f"@{label}")}
+        if same_share:
+            entry["vs_same_share"] = same_share
+        names = {r.get("memory_stats", {}).get("method", {}).get("name") for _, r in done} - {None}
+        if names:
+            entry["memory_method"] = sorted(names)
+        pooled[label] = entry
+    return pooled
+
+
+def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> dict:
+    """Means over tasks (each task weighs the same), with intervals for accuracy and the differences to `full` and to
+    `random` at the same share (queries resampled within their task and split)."""
+    kept_tasks = [t for t, entry in tasks.items() if entry.get("splits_data")]
+    complete = [l for l in labels if all(tasks[t]["methods"].get(l, {}).get("num_queries") for t in kept_tasks)]
+    if not kept_tasks or not complete:
+        return {}
+    all_splits = [s for t in kept_tasks for s in tasks[t]["splits_data"]]
+    correct = aligned(all_splits, complete, "correct")
+    groups = np.concatenate([np.full(s["num_queries"], i) for i, s in enumerate(all_splits)])
+    weights = np.concatenate([np.full(s["num_queries"], 1.0 / sum(x["num_queries"] for x in tasks[t]["splits_data"]))
+                              for t in kept_tasks for s in tasks[t]["splits_data"]])
+    contrasts = {(l, "full") for l in complete if l != "full" and "full" in complete}
+    contrasts |= {(l, random_comparator(l)) for l in complete if random_comparator(l) in complete}
+    boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, weights=weights, resamples=resamples, seed=seed)
+    summary = {}
+    for label in complete:
+        per_task = [tasks[t]["methods"][label] for t in kept_tasks]
+        gains = [(p.get("retained_gain") or {}).get("estimate") for p in per_task]
+        entry = {"accuracy": boot["mean"][label], "tasks": kept_tasks,
+                 **{key: _mean(p.get(key) for p in per_task) for key in
+                    ("agreement", "mean_js", "kept_ratio", "build_seconds", "build_over_full_prefill", "query_seconds_mean")},
+                 "retained_gain": _mean(gains) if all(g is not None for g in gains) else None}
+        if (label, "full") in contrasts:
+            entry["vs_full"] = boot["diff"][f"{label}-full"]
+        comparator = random_comparator(label)
+        if (label, comparator) in contrasts:
+            entry["vs_random"] = {"against": comparator, **boot["diff"][f"{label}-{comparator}"]}
+        summary[label] = entry
+    return summary
+
+
+def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | None = None,
+            preferred: list[str] | None = None, resamples: int = 2000, boot_seed: int = 0,
+            screen_seed: int = SCREEN_SEED) -> dict:
+    """Everything on disk under `out/<model>/<task>/`: screening verdicts and pooled splits (`<split_prefix><seed>`)."""
+    models = {}
+    for model_dir in sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []:
+        tasks = {}
+        for task_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            screen_path = task_dir / f"screen-seed{screen_seed}" / "results.json"
+            screen = screen_verdict(json.loads(screen_path.read_text()) if screen_path.exists() else None, min_gain)
+            splits = []
+            for split_dir in sorted(task_dir.glob(f"{split_prefix}*"), key=lambda p: p.name):
+                match = re.fullmatch(rf"{re.escape(split_prefix)}(\d+)", split_dir.name)
+                if not match or not (split_dir / "results.json").exists():
+                    continue
+                seed = int(match.group(1))
+                if seeds is not None and seed not in seeds:
+                    continue
+                results = json.loads((split_dir / "results.json").read_text())
+                answers = load_answers(split_dir, results)
+                splits.append({"seed": seed, "dir": split_dir.relative_to(out).as_posix(), "results": results,
+                               "num_queries": len(answers), "per_query": per_query(results, answers)})
+            if not splits and screen["verdict"] == "not screened":
+                continue
+            if split_prefix == "seed" and not screen["kept"]:
+                splits_for_report = []  # a task without a many-shot gain is listed, not reported
+            else:
+                splits_for_report = splits
+            entry = {"screen": screen, "rows": _rows(task_dir.name), "splits_data": splits_for_report,
+                     "splits": [{"seed": s["seed"], "dir": s["dir"], "results": f"{s['dir']}/results.json",
+                                 "num_queries": s["num_queries"], "num_demos": s["results"].get("num_demos"),
+                                 "failed": {m: r["error"] for m, r in s["results"]["methods"].items() if "error" in r}}
+                                for s in splits_for_report],
+                     "methods": {}}
+            if splits_for_report:
+                labels = ordered_methods(splits_for_report, preferred)
+                entry["methods"] = pool_task(splits_for_report, labels, resamples, boot_seed)
+                entry["num_queries"] = sum(s["num_queries"] for s in splits_for_report)
+            tasks[task_dir.name] = entry
+        if tasks:
+            labels = []
+            for entry in tasks.values():
+                labels += [l for l in entry["methods"] if l not in labels]
+            models[model_dir.name] = {"tasks": tasks, "summary": pool_summary(tasks, labels, resamples, boot_seed),
+                                      "methods": labels}
+    return models
+
+
+def _rows(task: str) -> int | None:
+    try:
+        return task_rows(task)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _num(value, pattern="{:.3f}") -> str:
+    return pattern.format(value) if isinstance(value, (int, float)) and not math.isnan(value) else "-"
+
+
+def _ci(interval: dict | None, signed: bool = False, pattern: str = "{:.3f}") -> str:
+    if not interval or interval.get("estimate") is None:
+        return "-"
+    fmt = pattern.replace("{:", "{:+") if signed else pattern
+    return f"{fmt.format(interval['estimate'])} [{fmt.format(interval['low'])}, {fmt.format(interval['high'])}]"
+
+
+def _pct(value) -> str:
+    return _num(value, "{:.1%}")
+
+
+def _gain(interval: dict | None) -> str:
+    return _num((interval or {}).get("estimate"), "{:.0%}")
+
+
+def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", scaling: list | None = None) -> None:
+    machines = sorted({s["results"].get("machine", "?") for m in models.values() for t in m["tasks"].values()
+                       for s in t["splits_data"]})
+    lines = [f"# {title}", "",
+             f"Generated {datetime.date.today().isoformat()} from the splits on disk. Machine: {'; '.join(machines) or '-'}.",
+             "",
+             f"Protocol: {args.demos} demonstrations per split, plain rendering, queries scored by their choices; a task "
+             f"is kept for a model if the full context beats zero-shot by at least {args.min_gain:.0%} on the "
+             f"screening split (seed {args.screen_seed}, also the option-selection split; never reported). Reported "
+             f"numbers pool every split of seeds {', '.join(map(str, sorted({s['seed'] for m in models.values() for t in m['tasks'].values() for s in t['splits_data']}))) or '-'}; "
+             f"each split builds its own memories. Intervals: 95 % paired bootstrap ({args.bootstrap} resamples, "
+             f"seed {args.bootstrap_seed}, queries resampled within their split). `default` is the library's default "
+             f"method (`build_memory` without a method argument; expected: `{args.default_method}`).", ""]
+    warnings = []
+    # -- screening
+    lines += ["## Tasks", "", "| model | task | rows | queries / split | screening: zero-shot | full | gain | verdict | pooled queries |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for model, data in models.items():
+        for task, entry in data["tasks"].items():
+            screen = entry["screen"]
+            pooled = entry.get("num_queries")
+            per_split = sorted({s["num_queries"] for s in entry["splits"]})
+            lines.append(f"| {model} | {task} | {entry['rows'] or '-'} | {'/'.join(map(str, per_split)) or '-'} | "
+                         f"{_num(screen.get('zero_shot'))} | {_num(screen.get('full'))} | "
+                         f"{_num(screen.get('gain'), '{:+.3f}')} | {screen['verdict']} | {pooled or '-'} |")
+            if pooled and pooled < MIN_POOLED_QUERIES:
+                warnings.append(f"{model}/{task}: {pooled} pooled queries (< {MIN_POOLED_QUERIES}); run more seeds")
+    lines.append("")
+    # -- summary for the README
+    lines += ["## Summary (means over each model's kept tasks; paste into the README)", "",
+              "| model | method | accuracy [95 % CI] | retained gain | kept KV | agreement | Δ vs full [95 % CI] | "
+              "Δ vs random, same share [95 % CI] |", "|---|---|---|---|---|---|---|---|"]
+    for model, data in models.items():
+        for label, entry in data["summary"].items():
+            random_cell = _ci(entry.get("vs_random"), signed=True)
+            if entry.get("vs_random"):
+                random_cell += f" (`{entry['vs_random']['against']}`)"
+            lines.append(f"| {MODEL_NAMES.get(model, model)} | `{label}` | {_ci(entry['accuracy'])} | "
+                         f"{_num(entry.get('retained_gain'), '{:.0%}')} | {_pct(entry.get('kept_ratio'))} | "
+                         f"{_num(entry.get('agreement'))} | {_ci(entry.get('vs_full'), signed=True)} | {random_cell} |")
+    lines += ["", "Means over tasks weigh every task the same; the summary lists the methods measured on every kept "
+              "task of the model. Retained gain = (accuracy − zero-shot) / (full − zero-shot) per task, then averaged.",
+              ""]
+    # -- per model
+    for model, data in models.items():
+        tasks = [t for t, e in data["tasks"].items() if e["splits_data"]]
+        if not tasks:
+            continue
+        labels = data["methods"]
+        lines += [f"## {MODEL_NAMES.get(model, model)} (`{model}`)", "", "### Accuracy, retained gain, kept KV, agreement with full", "",
+                  "| method | " + " | ".join(f"{t}: accuracy [95 % CI] | gain | kept | agr." for t in tasks) + " |",
+                  "|---|" + "---|---|---|---|" * len(tasks)]
+        for label in labels:
+            cells = []
+            for task in tasks:
+                entry = data["tasks"][task]["methods"].get(label)
+                if not entry or not entry["num_queries"]:
+                    reason = (entry or {}).get("errors", [{}])
+                    failed = reason[0].get("error", "") if reason else ""
+                    cells += [f"failed: {_short(failed)}" if failed else "-", "", "", ""]
+                    continue
+                partial = "*" if entry["missing_splits"] or entry["errors"] else ""
+                cells += [_ci(entry["accuracy"]) + partial, _gain(entry.get("retained_gain")), _pct(entry["kept_ratio"]),
+                          _num(entry["agreement"])]
+            lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+        lines += ["", "`*`: the method is missing or failed on some splits (pooled over the others). `gain`: retained "
+                  "many-shot gain; `kept`: kept share of the full context's KV (mean over splits).", "",
+                  "### Paired differences (95 % CI): to `full`, and to `random` at the same kept share", "",
+                  "| method | " + " | ".join(f"{t}: Δ vs full | Δ vs random" for t in tasks) + " |",
+                  "|---|" + "---|---|" * len(tasks)]
+        for label in labels:
+            cells = []
+            for task in tasks:
+                entry = data["tasks"][task]["methods"].get(label) or {}
+                cells += [_ci(entry.get("vs_full"), signed=True), _ci(entry.get("vs_random"), signed=True)]
+            if any(c != "-" for c in cells):
+                lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+        comparators = sorted({(e.get("vs_random") or {}).get("against") for t in tasks
+                              for e in data["tasks"][t]["methods"].values()} - {None})
+        if comparators:
+            lines += ["", "Random baselines used: " + ", ".join(f"`{c}`" for c in comparators) + "."]
+        lines += ["", "### Cost and fidelity (means over tasks)", "",
+                  "| method | mean JS to full | build s | build ÷ one full prefill | s / query |", "|---|---|---|---|---|"]
+        for label in labels:
+            per_task = [data["tasks"][t]["methods"].get(label) or {} for t in tasks]
+            row = {k: _mean(p.get(k) for p in per_task) for k in ("mean_js", "build_seconds", "build_over_full_prefill",
+                                                                 "query_seconds_mean")}
+            lines.append(f"| `{label}` | {_num(row['mean_js'], '{:.4f}')} | {_num(row['build_seconds'], '{:.1f}')} | "
+                         f"{_num(row['build_over_full_prefill'], '{:.1f}')} | {_num(row['query_seconds_mean'])} |")
+        lines += ["", f"![accuracy against kept KV, {model}](accuracy_vs_kept_{model}.png)", ""]
+        for task in tasks:
+            recorded = data["tasks"][task]["methods"].get("default", {}).get("memory_method")
+            if recorded and recorded != [args.default_method]:
+                warnings.append(f"{model}/{task}: `default` memories recorded method {recorded}, expected "
+                                f"`{args.default_method}` (--default-method)")
+    # -- targets (issue 9) for the default
+    target_rows = []
+    for model, data in models.items():
+        for task, entry in data["tasks"].items():
+            default = entry["methods"].get("default")
+            if not default or not default["num_queries"]:
+                continue
+            kept = default["kept_ratio"]
+            gain = (default.get("retained_gain") or {}).get("estimate")
+            need = 0.75 if kept is not None and kept <= 0.10 else 0.90 if kept is not None and kept <= 0.25 else None
+            lows = {k: v.get("low") for k, v in default.get("vs_same_share", {}).items()}
+            weakest = min(lows, key=lambda k: lows[k] if lows[k] is not None else -1) if lows else None
+            ok = [need is not None and gain is not None and gain >= need,
+                  bool(lows) and all(v is not None and v > 0 for v in lows.values()),
+                  kept is not None and kept <= 0.25 and (default.get("agreement") or 0) >= 0.9]
+            target_rows.append(f"| {model} | {task} | {_pct(kept)} | {_gain(default.get('retained_gain'))} "
+                               f"(need {_num(need, '{:.0%}')}) | {_num(default.get('agreement'))} | "
+                               f"{f'`{weakest}` ' + _num(lows[weakest], '{:+.3f}') if weakest else '-'} | "
+                               f"{' '.join('✓' if x else '✗' for x in ok)} |")
+    if target_rows:
+        lines += ["## Targets of issue 9 for `default`", "",
+                  "Retained gain ≥ 90 % at ≤ 25 % kept (≥ 75 % at ≤ 10 %); the interval's lower bound above every "
+                  "method at the same kept share (`X@default`); agreement ≥ 0.9 at ≤ 25 % kept. Marks: gain, "
+                  "lower bounds, agreement.", "",
+                  "| model | task | kept KV | retained gain | agreement | lowest lower bound vs `X@default` | targets |",
+                  "|---|---|---|---|---|---|---|", *target_rows, ""]
+    # -- splits
+    lines += ["## Splits", "", "| model | task | seed | demos | queries | results | failed methods |", "|---|---|---|---|---|---|---|"]
+    for model, data in models.items():
+        for task, entry in data["tasks"].items():
+            for split in entry["splits"]:
+                failed = "; ".join(f"`{m}`: {_short(e)}" for m, e in split["failed"].items()) or "-"
+                lines.append(f"| {model} | {task} | {split['seed']} | {split['num_demos']} | {split['num_queries']} | "
+                             f"[{split['dir']}]({split['results']}) | {failed} |")
+    lines.append("")
+    if scaling:
+        lines += ["## Scaling (one task, SmolLM2-135M, each build in a fresh process)", "",
+                  "| method | demos | context tokens | build s | peak RSS over baseline (MB) | kept KV (MB) | s/query |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in scaling:
+            lines.append(f"| {row['method']} | {row['num_demos']} | {row['context_tokens']} | {row['build_seconds']:.1f} | "
+                         f"{row['peak_rss_mb_over_baseline']:.0f} | {row['kept_kv_mb']:.1f} | {row['query_seconds_mean']:.3f} |")
+        lines += ["", "![scaling](scaling.png)", ""]
+    if warnings:
+        lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    serialisable = {model: {"summary": data["summary"], "methods": data["methods"],
+                            "tasks": {t: {k: v for k, v in e.items() if k != "splits_data"} for t, e in data["tasks"].items()}}
+                    for model, data in models.items()}
+    (out / "results.json").write_text(json.dumps({
+        "protocol": {"demos": args.demos, "max_queries_per_split": args.queries, "min_gain": args.min_gain,
+                     "screen_seed": args.screen_seed, "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed,
+                                                                    "level": 0.95, "paired": True, "strata": "split"},
+                     "default_method": args.default_method},
+        "machines": machines, "models": serialisable, "warnings": warnings, "scaling": scaling or []}, indent=1) + "\n")
+    for model, data in models.items():
+        plot_model(out, model, data)
+
+
+def _short(text: str, length: int = 140) -> str:
+    return " ".join(str(text).split()).replace("|", "/")[:length]
+
+
+def plot_model(out: Path, model: str, data: dict) -> Path | None:
+    """Accuracy against kept KV, a panel per task, 95 % intervals as error bars; a colour per method family, lines
+    through each family's fixed budgets (`X@0.1`, `X@0.25`, ...)."""
+    tasks = [t for t, e in data["tasks"].items() if e["splits_data"]]
+    if not tasks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = []
+    for label in data["methods"]:
+        if method_family(label) not in families:
+            families.append(method_family(label))
+    fixed_colours = {"zero-shot": "black", "full": "tab:blue", "emloc": "tab:orange", "default": "tab:red",
+                     "random": "tab:gray", "kvzip": "tab:green", "snapkv": "tab:purple", "streamingllm": "tab:brown",
+                     "tova": "tab:pink", "rices": "tab:olive", "lora": "tab:cyan"}
+    others = [f for f in families if f not in fixed_colours]
+    colours = {**fixed_colours, **{f: plt.get_cmap("Set3")(i % 12) for i, f in enumerate(others)}}
+    columns = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        methods = data["tasks"][task]["methods"]
+        budgets: dict[str, list] = {}
+        for label, entry in methods.items():
+            accuracy = entry["accuracy"]
+            if accuracy.get("estimate") is None or entry.get("kept_ratio") is None:
+                continue
+            x, y = entry["kept_ratio"], accuracy["estimate"]
+            family = method_family(label)
+            fixed = re.fullmatch(r"[^@+]+@([0-9.]+)", label)
+            marker = "^" if fixed else "s" if "@" in label else "o"
+            axis.errorbar(x, y, yerr=[[y - accuracy["low"]], [accuracy["high"] - y]], fmt=marker, ms=5, capsize=2,
+                          color=colours[family], label=family if family not in axis.get_legend_handles_labels()[1] else None)
+            if fixed:
+                budgets.setdefault(family, []).append((x, y))
+            if label in ("zero-shot", "full"):
+                axis.axhline(y, color=colours[family], ls="--", lw=0.8)
+            elif not fixed:
+                axis.annotate(label if len(label) <= 24 else family, (x, y), fontsize=5, xytext=(3, 2),
+                              textcoords="offset points")
+        for family, points in budgets.items():
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], color=colours[family], lw=0.8)
+        axis.set_title(f"{task} (n = {data['tasks'][task].get('num_queries')})")
+        axis.set_xlabel("kept KV (share of the full context)")
+        axis.set_ylabel("accuracy")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(tasks):]:
+        axis.axis("off")
+    handles, names = [], []
+    for axis in axes.flat:
+        for handle, name in zip(*axis.get_legend_handles_labels()):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    figure.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=7)
+    figure.suptitle(f"{MODEL_NAMES.get(model, model)}: accuracy against kept KV (95 % paired-bootstrap intervals; "
+                    f"○ own size, □ at another memory's share, △ fixed budget)", fontsize=9)
+    figure.tight_layout(rect=(0, 0.06, 1, 0.96))
+    path = out / f"accuracy_vs_kept_{model}.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scaling (issue 10 extends it)
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 SCALING_SCRIPT = """
@@ -96,147 +664,124 @@ def run_scaling(out: Path, task: str, sizes: list[int]) -> list[dict]:
             rows.append(record)
             print(f"[scaling] {task} {method} {size} demos: {record}", flush=True)
     (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_scaling(out, rows)
     return rows
 
 
-def write_suite_report(out: Path, results: dict, scaling: list[dict], machine: str, screened: dict) -> None:
-    tasks = list(results)
-    methods = []
-    for task in tasks:
-        for name in results[task]["methods"]:
-            if name not in methods:
-                methods.append(name)
-    lines = ["# emloc benchmark suite", "", f"Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32). Machine: {machine}.",
-             "", "Tasks (90 demonstrations, 40 held-out queries, plain rendering, scored by choices):", ""]
-    for task, verdict in screened.items():
-        lines.append(f"- `{task}`: {verdict}")
-    lines += ["", "## Accuracy by method", "", "| method | " + " | ".join(tasks) + " | mean | kept KV (mean) | s/query (mean) |",
-              "|---|" + "---|" * (len(tasks) + 3)]
-    summary = {}
-    for name in methods:
-        accuracies, kept, latency = [], [], []
-        cells = []
-        for task in tasks:
-            record = results[task]["methods"].get(name, {})
-            if "accuracy" in record:
-                accuracies.append(record["accuracy"])
-                kept.append(record.get("kept_ratio") or 0.0)
-                latency.append(record["query_seconds_mean"])
-                cells.append(f"{record['accuracy']:.3f}")
-            else:
-                cells.append("failed" if "error" in record else "-")
-        if accuracies and len(accuracies) == len(tasks):
-            summary[name] = {"accuracy": statistics.fmean(accuracies), "kept_ratio": statistics.fmean(kept),
-                             "query_seconds_mean": statistics.fmean(latency)}
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary[name]['accuracy']:.3f} | "
-                         f"{summary[name]['kept_ratio']:.1%} | {summary[name]['query_seconds_mean']:.3f} |")
-        else:
-            lines.append(f"| {name} | " + " | ".join(cells) + " | - | - | - |")
-    if scaling:
-        lines += ["", "## Scaling (one task, each build in a fresh process)", "",
-                  "| method | demos | context tokens | build s | peak RSS over baseline (MB) | kept KV (MB) | s/query |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in scaling:
-            lines.append(f"| {row['method']} | {row['num_demos']} | {row['context_tokens']} | {row['build_seconds']:.1f} | "
-                         f"{row['peak_rss_mb_over_baseline']:.0f} | {row['kept_kv_mb']:.1f} | {row['query_seconds_mean']:.3f} |")
-    lines += ["", "Per-task reports: " + ", ".join(f"[{t}]({t}/report.md)" for t in tasks), ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"machine": machine, "summary": summary, "tasks": tasks,
-                                                 "screened": screened, "scaling": scaling}, indent=2) + "\n")
-    plot_suite(out, summary, scaling)
-
-
-def plot_suite(out: Path, summary: dict, scaling: list[dict]) -> None:
+def plot_scaling(out: Path, scaling: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, record in summary.items():
-        axis.scatter(record["kept_ratio"], record["accuracy"], s=36)
-        axis.annotate(name, (record["kept_ratio"], record["accuracy"]), fontsize=6)
-    axis.set_xlabel("kept KV (share of the full context, mean over tasks)")
-    axis.set_ylabel("accuracy (mean over tasks)")
-    axis.grid(alpha=0.3)
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for method in ("full", "emloc"):
+        rows = [r for r in scaling if r["method"] == method]
+        sizes = [r["num_demos"] for r in rows]
+        axes[0].plot(sizes, [r["build_seconds"] for r in rows], marker="o", label=method)
+        axes[1].plot(sizes, [r["peak_rss_mb_over_baseline"] for r in rows], marker="o", label=method)
+        axes[2].plot(sizes, [r["query_seconds_mean"] for r in rows], marker="o", label=method)
+    for axis, title in zip(axes, ("build seconds", "peak RSS over baseline (MB)", "seconds per query")):
+        axis.set_xlabel("demonstrations")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.tight_layout()
-    figure.savefig(out / "suite_accuracy_vs_kept.png", dpi=120)
+    figure.savefig(out / "scaling.png", dpi=120)
     plt.close(figure)
-    if scaling:
-        figure, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-        for method in ("full", "emloc"):
-            rows = [r for r in scaling if r["method"] == method]
-            sizes = [r["num_demos"] for r in rows]
-            axes[0].plot(sizes, [r["build_seconds"] for r in rows], marker="o", label=method)
-            axes[1].plot(sizes, [r["peak_rss_mb_over_baseline"] for r in rows], marker="o", label=method)
-            axes[2].plot(sizes, [r["query_seconds_mean"] for r in rows], marker="o", label=method)
-        for axis, title in zip(axes, ("build seconds", "peak RSS over baseline (MB)", "seconds per query")):
-            axis.set_xlabel("demonstrations")
-            axis.set_title(title)
-            axis.grid(alpha=0.3)
-            axis.legend()
-        figure.tight_layout()
-        figure.savefig(out / "scaling.png", dpi=120)
-        plt.close(figure)
 
 
-def screen(task: str, out: Path) -> tuple[bool, str]:
-    """Zero-shot vs full context on the task: kept if the full context gains at least 10 points."""
-    data = out / "screen" / task
-    demo_rows, query_rows = make_task(task, 90, 40)
-    write_jsonl(demo_rows, data / "demos.jsonl")
-    write_jsonl(query_rows, data / "queries.jsonl")
-    results = evaluate_memory.main(["--model", "smollm2-135m", "--demos", str(data / "demos.jsonl"), "--queries",
-                                    str(data / "queries.jsonl"), "--methods", "zero-shot,full", "--out", str(data)])
-    zero, full = results["methods"]["zero-shot"]["accuracy"], results["methods"]["full"]["accuracy"]
-    keep = full - zero >= 0.10
-    return keep, f"zero-shot {zero:.3f}, full context {full:.3f} → {'kept' if keep else 'dropped (no many-shot gain)'}"
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def method_list(args) -> list[str]:
+    methods = evaluate_memory.split_methods(args.methods) if args.methods else list(QUICK if args.quick else SUITE)
+    if not evaluate_memory.KVPRESS_PYTHON.exists():
+        presses = [m for m in methods if evaluate_memory.parse_methods(m)[0].name in evaluate_memory.KVPRESS_PRESSES]
+        if presses:
+            print(f"[note] no kvpress side venv ({evaluate_memory.KVPRESS_PYTHON}; `make kvpress`): skipping "
+                  f"{', '.join(presses)}", flush=True)
+            methods = [m for m in methods if m not in presses]
+    for required in ("zero-shot", "full"):  # retained gain and fidelity need both
+        if required not in methods:
+            methods.insert(0 if required == "zero-shot" else 1, required)
+    return methods
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks")
-    parser.add_argument("--tasks", default="iris,digits_text,wine,breast_cancer")
-    parser.add_argument("--budgets", default="0.1,0.3,0.5")
+    parser.add_argument("--models", default=",".join(MODELS), help="offline model names or Emloc repo directories")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="reported splits")
     parser.add_argument("--demos", type=int, default=90)
-    parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--skip-options", action="store_true", help="skip the EMLoC options run on iris")
+    parser.add_argument("--queries", type=int, default=60, help="queries per split, at most (capped by the task's rows)")
+    parser.add_argument("--methods", default=None, help="comma-separated method specs (default: the suite)")
+    parser.add_argument("--quick", action="store_true", help="a short method list: " + ",".join(QUICK))
+    parser.add_argument("--default-method", default=DEFAULT_METHOD,
+                        help="the registered method `default` is expected to be (checked against the memories)")
+    parser.add_argument("--min-gain", type=float, default=MIN_GAIN, help="screening: full minus zero-shot, at least")
+    parser.add_argument("--screen-seed", type=int, default=SCREEN_SEED, help="the screening / option-selection split")
+    parser.add_argument("--selection", action="store_true",
+                        help="run --methods on the option-selection split (the screening seed) instead of --seeds; "
+                             "report in OUT/selection/")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the splits on disk")
+    parser.add_argument("--force", action="store_true", help="rerun splits whose results.json exists")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+    parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
     parser.add_argument("--scaling-task", default="digits_text", help="a task with at least 190 rows")
-    parser.add_argument("--only-scaling", action="store_true", help="rerun the scaling figures into an existing report")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.screen_seed in args.seeds_list:
+        parser.error(f"seed {args.screen_seed} is the screening / option-selection split; report other seeds")
+    return args
+
+
+def report(args, out: Path, preferred: list[str] | None = None) -> None:
+    scaling_path = out / "scaling.json"
+    scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else None
+    models = collect(out, "seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
+                     boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed)
+    write_report(out, models, args, scaling=scaling)
+    selection = collect(out, f"select-seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
+                        boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed)
+    selection = {m: d for m, d in selection.items() if any(t["splits_data"] for t in d["tasks"].values())}
+    if selection:
+        write_report(out / "selection", selection, args,
+                     title=f"emloc option selection (split seed {args.screen_seed}; not a reported result)")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.only_scaling:
-        previous = json.loads((out / "results.json").read_text())
-        results = {task: json.loads((out / task / "results.json").read_text()) for task in previous["tasks"]}
-        scaling = run_scaling(out, args.scaling_task, [45, 180])
-        write_suite_report(out, results, scaling, evaluate_memory.machine_description(), previous["screened"])
-        return
-    budgets = [float(b) for b in args.budgets.split(",")]
-    kvpress = evaluate_memory.KVPRESS_PYTHON.exists()
-    machine = evaluate_memory.machine_description()
-    screened, kept_tasks = {}, []
-    for task in args.tasks.split(","):
-        keep, verdict = screen(task, out)
-        screened[task] = verdict
-        print(f"[screen] {task}: {verdict}", flush=True)
-        if keep:
-            kept_tasks.append(task)
-    results = {}
-    for task in kept_tasks:
-        started = time.perf_counter()
-        results[task] = run_task(task, out, "smollm2-135m", suite_methods(budgets, kvpress), args.demos, args.queries)
-        print(f"[task] {task} done in {time.perf_counter() - started:.0f} s", flush=True)
-        write_suite_report(out, results, [], machine, screened)
-    scaling = [] if args.skip_scaling else run_scaling(out, args.scaling_task, [45, 180])
-    write_suite_report(out, results, scaling, machine, screened)
-    if not args.skip_options and "iris" in kept_tasks:  # EMLoC's options beside the faithful default, on iris
-        data = out / "data" / "iris"
-        evaluate_memory.main(["--model", "smollm2-135m", "--demos", str(data / "demos.jsonl"), "--queries",
-                              str(data / "queries.jsonl"), "--methods", EMLOC_OPTIONS, "--out", str(out / "iris-emloc-options"),
-                              "--task", "iris"])
-    print(f"wrote {out / 'report.md'}")
+    methods = method_list(args)
+    if not args.report_only:
+        for model in [m for m in args.models.split(",") if m]:
+            key = model_key(model)
+            for task in [t for t in args.tasks.split(",") if t]:
+                queries = queries_per_split(task, args.demos, args.queries)
+                task_dir = out / key / task
+                screen = run_split(model, task, args.screen_seed, "zero-shot,full", task_dir / f"screen-seed{args.screen_seed}",
+                                   args.demos, queries)
+                verdict = screen_verdict(screen, args.min_gain)
+                print(f"[screen] {key}/{task}: {verdict['verdict']}", flush=True)
+                if args.selection and verdict["kept"]:
+                    run_split(model, task, args.screen_seed, ",".join(methods), task_dir / f"select-seed{args.screen_seed}",
+                              args.demos, queries, args.force)
+                elif verdict["kept"]:
+                    for seed in args.seeds_list:
+                        run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
+                                  args.force)
+                        report(args, out, methods)
+    if args.scaling:
+        run_scaling(out, args.scaling_task, [45, 180])
+    report(args, out, methods)
+    print(f"wrote {out / 'report.md'}", flush=True)
+    return json.loads((out / "results.json").read_text())
 
 
 if __name__ == "__main__":

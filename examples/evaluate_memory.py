@@ -9,14 +9,22 @@ their `choices` (`model.score_choices`); scoring goes through the `evaluate` lib
 Several processes split the queries: `accelerate launch --multi_gpu --num_processes N examples/evaluate_memory.py ...`
 (on a machine without GPUs the processes run on the CPU).
 
-Methods (a comma-separated list; `@F` is a kept fraction of the full context's KV, `[k=v;...]` parameters):
+Methods (a comma-separated list; `@F` is a kept fraction of the full context's KV, `[k=v;...]` parameters, a tuple
+value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
     zero-shot                 no memory
     full                      the whole context as an uncompressed memory (prefix cache)
-    emloc[k=v;...]            EMLoC (paper defaults; e.g. emloc[probe=heldout], emloc[budget=0.2])
+    emloc[k=v;...]            EMLoC, `method="emloc"` (paper defaults; e.g. emloc[probe=heldout], emloc[budget=0.2])
+    default[k=v;...]          `model.build_memory(demos, processor=processor, **params)` with no method argument: the
+                              library's default method (its name is recorded in the memory's stats)
+    NAME[k=v;...]             any other method registered in modeling_emloc (`method=NAME`); `method=` inside the
+                              brackets of `emloc[...]` / `default[...]` picks one too
     random@F                  a random F of each chunk per layer and head
     <press>@F                 an NVIDIA kvpress press (snapkv, pyramidkv, streamingllm, tova, knorm,
-                              expected_attention, random) as a query-agnostic memory; needs `examples/setup_kvpress.sh`;
-                              `@emloc` matches EMLoC's kept bytes
+                              expected_attention, random, kvzip) as a query-agnostic memory; needs
+                              `examples/setup_kvpress.sh`
+    random@LABEL, <press>@LABEL   at the kept share of the memory labelled LABEL in this run (e.g. random@emloc,
+                              snapkv@default, kvzip@emloc[probe=future]); LABEL must be in the list too (it is built
+                              first whatever the order)
     rices[k=8]                per query, the k most similar demonstrations by the model's own embeddings, in full
     lora[epochs=3;...]        LoRA fine-tuning with peft on the demonstrations (adaptation time reported)
     full+select@F, emloc+select@F   per-query selection over the memory at answer time
@@ -48,7 +56,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m")
-KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random")
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random", "kvzip")
+# methods that hold no memory of ours; any other name that is not a press is built by `model.build_memory` (`full`,
+# `random`, `emloc`, `default`, or a registered method's name)
+BASELINES = ("zero-shot", "rices", "lora")
 KVPRESS_PYTHON = HERE.parent / ".venv-kvpress" / "bin" / "python"
 
 
@@ -59,7 +70,7 @@ KVPRESS_PYTHON = HERE.parent / ".venv-kvpress" / "bin" / "python"
 
 @dataclass
 class MethodSpec:
-    """One entry of `--methods`: `name[k=v;...]@kept`."""
+    """One entry of `--methods`: `name[k=v;...]@kept`, `kept` a fraction or the label of another memory."""
 
     text: str
     name: str
@@ -70,6 +81,11 @@ class MethodSpec:
     @property
     def label(self) -> str:
         return self.text
+
+    @property
+    def reference(self) -> str | None:
+        """The label whose kept share this spec matches (`random@emloc` → `"emloc"`), if any."""
+        return self.kept if isinstance(self.kept, str) else None
 
 
 def _value(text: str):
@@ -83,24 +99,59 @@ def _value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def split_methods(text: str) -> list[str]:
+    """Splits `--methods` at the commas outside brackets (`emloc[ratios=0.1,0.2],full` → 2 items)."""
+    items, depth, current = [], 0, []
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+_SPEC = re.compile(r"([A-Za-z0-9_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@(.+))?")
+
+
 def parse_methods(text: str) -> list[MethodSpec]:
     specs = []
-    for item in re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?[^,]*", text):
-        item = item.strip()
-        if not item:
-            continue
-        match = re.fullmatch(r"([a-z_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@([\w.]+))?", item)
+    for item in split_methods(text):
+        match = _SPEC.fullmatch(item)
         if match is None:
-            raise SystemExit(f"--methods: cannot read {item!r} (expected name[k=v;...]@F)")
+            raise SystemExit(f"--methods: cannot read {item!r} (expected name[k=v;...]@F or name@LABEL)")
         name, select, params, kept = match.groups()
-        params = dict(kv.split("=", 1) for kv in params.split(";") if kv) if params else {}
-        spec = MethodSpec(item, name, {k: _value(v) for k, v in params.items()})
+        params = dict(kv.split("=", 1) if "=" in kv else (kv, "true") for kv in params.split(";") if kv) if params else {}
+        spec = MethodSpec(item, name, {k.strip(): _value(v.strip()) for k, v in params.items()})
         if select:
             spec.select = float(kept) if kept else 0.3
         elif kept is not None:
-            spec.kept = kept if kept == "emloc" else float(kept)
+            try:
+                spec.kept = float(kept)
+            except ValueError:
+                spec.kept = kept  # the label of another memory of this run
         specs.append(spec)
     return specs
+
+
+def order_specs(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """`full` first (every other method is compared with it), then each spec after the memory its `@LABEL` refers to;
+    otherwise the given order."""
+    labels = {s.label for s in specs}
+    ordered = [s for s in specs if s.name == "full" and s.select is None]
+    rest = [s for s in specs if s not in ordered]
+    while rest:
+        done = {s.label for s in ordered}
+        ready = [s for s in rest if s.reference is None or s.reference not in labels or s.reference in done
+                 or s.reference == s.label]
+        if not ready:  # a cycle: let them fail with the missing-memory message
+            ready = rest[:1]
+        for s in ready:
+            ordered.append(s)
+            rest.remove(s)
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,7 +201,9 @@ def summarise(queries, scores, latencies, full_scores, metrics) -> dict:
 
 def build_kvpress_memories(model, processor, demos, presses_and_kept, workdir: Path, base_dir: Path) -> dict:
     """Runs the kvpress presses in their own environment (kvpress pins an older transformers) and loads the
-    memories they write in our format. Returns {(press, kept): TaskMemory}."""
+    memories they write in our format. Returns {(press, kept): TaskMemory}. A memory's `build.seconds` is the press's
+    own prefill (`build.press_seconds`, comparable with our builders'); `build.process_seconds` adds the side process
+    (start, model load, position recovery)."""
     from safetensors.torch import save_file
 
     from memory_emloc import TaskMemory
@@ -161,25 +214,35 @@ def build_kvpress_memories(model, processor, demos, presses_and_kept, workdir: P
     if base_dir is None:  # kvpress loads a plain transformers checkpoint: write the Emloc model's base
         base_dir = workdir / "base"
         model.model.save_pretrained(base_dir)
+    tokenizer_dir = workdir / "tokenizer"  # KVzip phrases its reconstruction prompt with the model's tokenizer
+    if not tokenizer_dir.exists():
+        processor.tokenizer.save_pretrained(tokenizer_dir)
     context = processor.encode_context(demos)
     joined = EncodedSpan.concat([context.prefix, *context.demos])
     save_file({"input_ids": joined.input_ids[None].contiguous(), "token_types": joined.token_types.contiguous()},
-              str(workdir / "context.safetensors"))
+              str(workdir / "context.safetensors"),
+              metadata={"num_demos": str(len(demos)), "template": processor.template,
+                        # how the context was rendered: recorded in the memories (design §7), which processors check
+                        **({"rendering": json.dumps(processor.rendering())} if hasattr(processor, "rendering") else {})})
     memories = {}
     for press, kept in presses_and_kept:
         out = workdir / f"kvpress-{press}-{kept:.4f}"
         command = [str(KVPRESS_PYTHON), str(HERE / "kvpress_memories.py"), "--base", str(base_dir),
                    "--context", str(workdir / "context.safetensors"), "--presses", press.replace("kvpress-", ""),
                    "--ratios", f"{kept:.6f}", "--out", str(out), "--fingerprint", model.fingerprint(),
-                   "--num-demos", str(len(demos))]
+                   "--num-demos", str(len(demos)), "--tokenizer", str(tokenizer_dir)]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise RuntimeError(f"kvpress {press} failed: {result.stderr[-2000:]}")
+        skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+        if result.returncode != 0 or skipped:
+            reason = skipped[0].split(": ", 1)[-1] if skipped else result.stderr[-2000:]  # e.g. KVzip on Gemma 3
+            raise RuntimeError(f"kvpress {press} failed: {reason}")
         directories = [p for p in out.rglob("memory_config.json")]
         memory = TaskMemory.from_pretrained(directories[0].parent)
-        memory.stats.setdefault("build", {})["seconds"] = time.perf_counter() - started
+        build = memory.stats.setdefault("build", {})
+        build["process_seconds"] = time.perf_counter() - started
+        build["seconds"] = build.get("press_seconds", build["process_seconds"])
         memories[(press, kept)] = memory
     return memories
 
@@ -281,7 +344,8 @@ def make_plots(results: dict, out: Path, memories: dict) -> list[str]:
     plt.close(figure)
     written.append("accuracy_vs_kept.png")
 
-    emloc = {name: m for name, m in memories.items() if m.stats.get("method", {}).get("name") == "emloc"}
+    emloc = {name: m for name, m in memories.items()  # our own pruning methods (emloc, the default, registered ones)
+             if m.stats.get("method", {}).get("name") not in (None, "full", "random") and "layers" in m.stats}
     if emloc:
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
         for name, memory in emloc.items():
@@ -391,9 +455,31 @@ def evaluate(args) -> dict:
             memory = TaskMemory.from_pretrained(path)
         return memory
 
-    # full first: every other method is compared with it
-    ordered = sorted(specs, key=lambda s: (s.name != "full" or s.select is not None))
-    for spec in ordered:
+    def kept_share(spec) -> float | None:
+        """A fixed fraction, or the measured kept share of the memory labelled `spec.reference` (built earlier)."""
+        if spec.reference is None:
+            return spec.kept
+        if spec.reference not in memories:
+            raise ValueError(f"{spec.label}: no memory labelled {spec.reference!r} in this run (add it to --methods; "
+                             f"if it is there, its build failed)")
+        return memories[spec.reference].stats["totals"]["kept_ratio"]
+
+    def own_build(spec):
+        """The builder call of a memory spec: `full`, `random`, `emloc`, `default` or a registered method's name."""
+        params = dict(spec.params)
+        if spec.name == "full":
+            return lambda: model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos))
+        if spec.name == "random":
+            kept = kept_share(spec)
+            return lambda: model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2, **params)
+        if spec.name == "emloc":
+            params = {"method": "emloc", **emloc_args, **params}
+        elif spec.name != "default":
+            params = {"method": spec.name, **params}
+        # `default` without `method=`: no method argument at all, i.e. the library's default method
+        return lambda: model.build_memory(demos, processor=processor, progress=state.is_main_process, **params)
+
+    for spec in order_specs(specs):  # full first: every other method is compared with it
         if state.is_main_process:
             print(f"[{spec.label}]", flush=True)
         record: dict = {}
@@ -401,23 +487,16 @@ def evaluate(args) -> dict:
             if spec.name == "zero-shot":
                 scores, latencies = score_queries(model, processor, queries, None, state=state)
                 record.update(kept_ratio=0.0, kept_kv_bytes=0, build_seconds=0.0)
-            elif spec.name in ("full", "emloc", "random") or spec.name in KVPRESS_PRESSES:
+            elif spec.name not in BASELINES:
                 if spec.name in KVPRESS_PRESSES:
-                    kept = spec.kept if spec.kept != "emloc" else memories["emloc"].stats["totals"]["kept_ratio"]
+                    kept = kept_share(spec)
+                    if kept is None:
+                        raise ValueError(f"{spec.label}: a press needs a kept share, e.g. {spec.name}@0.25 or {spec.name}@emloc")
                     def build(spec=spec, kept=kept):
                         with tempfile.TemporaryDirectory() as work:
                             return build_kvpress_memories(model, processor, demos, [(spec.name, kept)], Path(work), base_dir)[(spec.name, kept)]
-                elif spec.name == "random":
-                    kept = spec.kept if spec.kept != "emloc" else memories["emloc"].stats["totals"]["kept_ratio"]
-                    def build(kept=kept):
-                        return model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2)
-                elif spec.name == "full":
-                    def build():
-                        return model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos))
                 else:
-                    params = {**emloc_args, **spec.params}
-                    def build(params=params):
-                        return model.build_memory(demos, processor=processor, method="emloc", progress=state.is_main_process, **params)
+                    build = own_build(spec)
                 base_label = spec.label.split("+select")[0] if spec.select is not None else spec.label
                 memory = memories.get(base_label) or shared_memory(base_label, build)
                 memories.setdefault(base_label, memory)
@@ -451,10 +530,13 @@ def evaluate(args) -> dict:
             print(f"  accuracy {record['accuracy']:.3f}  kept {record.get('kept_ratio') or 0:.1%}  "
                   f"s/query {record['query_seconds_mean']:.3f}", flush=True)
     if state.is_main_process:
-        emloc_memories = {k: v for k, v in memories.items() if k.startswith("emloc")}
+        emloc_memories = {k: v for k, v in memories.items() if k.startswith(("emloc", "default"))}
         for label, memory in memories.items():
             if label in results["methods"]:
                 results["methods"][label]["memory_stats"] = {k: memory.stats.get(k) for k in ("totals", "token_types", "layers", "method")}
+                results["methods"][label]["memory_stats"]["build"] = {
+                    k: v for k, v in memory.stats.get("build", {}).items() if k != "chunks"}
+        results["answers"] = [q["answer"] for q in queries]  # per-query scoring (benchmark pooling, bootstrap)
         write_report(results, out, emloc_memories)
         if shared.exists():
             shutil.rmtree(shared, ignore_errors=True)

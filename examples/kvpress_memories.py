@@ -11,6 +11,22 @@ compressed cache of every layer becomes a memory layer. kvpress does not say whi
 recovered exactly by matching every kept key to the keys of one uncompressed prefill of the same context, per layer and
 KV head (the press only edits the cache after each layer's attention ran, so kept keys are bit-for-bit copies).
 
+KVzip (`kvzip`, Kim et al. 2025, arXiv 2505.23416) goes through the same `with press(model): model.model(...)` call:
+kvpress's `KVzipPress` records the context during that prefill and, when the context manager exits, scores every KV
+pair by how much the model attends to it while asked to repeat the context (its own reconstruction passes, chunk by
+chunk; 2-3x the prefill), then masks the lowest-scored pairs per head (`masked_key_indices`, like AdaKV). Two
+adaptations, both recorded in `memory_config.json`:
+  * the reconstruction prompt is phrased with the tokenizer given by `--tokenizer` (KVzip loads it from
+    `model.config.name_or_path`); for a context rendered with `template="plain"` its chat template is removed, so KVzip
+    uses its plain-text prompt (no chat prefix, suffix "\n") as it does for a base model;
+  * KVzip keeps a different number of pairs per KV head (and per layer: one global budget); our memory format needs
+    equal counts per head within a layer (padding would change attention). Each layer keeps KVzip's total for that
+    layer, shared equally by its heads, each head taking its top pairs by KVzip's own score
+    (`method.params.head_budget: "equal-within-layer"`; the per-head counts KVzip chose are in
+    `build.kvzip_head_counts`). At compression 0 nothing is masked and the memory is the full context, bit for bit.
+kvpress 0.5.5 refuses KVzip on Gemma 3 ("not supported"; removed as broken upstream, kvpress PR #172): that press is
+reported as skipped there.
+
 Ratios — two conventions, stated explicitly:
   * kvpress's `compression_ratio` is the fraction REMOVED;
   * our `kept_ratio` (as in EMLoC's ratios) is the fraction KEPT, `kept_ratio = 1 - compression_ratio`.
@@ -18,7 +34,8 @@ Ratios — two conventions, stated explicitly:
 directory is named `{press}-kept{kept%}-removed{removed%}`, e.g. `snapkv-kept30-removed70`, and its
 `memory_config.json` records both (`method.params.compression_ratio`, `method.params.kept_ratio`).
 
-    # in .venv-kvpress; CONTEXT.safetensors holds input_ids [1, T] and token_types [T] (made in the main venv)
+    # in .venv-kvpress; CONTEXT.safetensors holds input_ids [1, T] and token_types [T] (made in the main venv), and in
+    # its metadata `rendering`: the JSON of the processor's `rendering()`, recorded in every memory (design §7)
     python examples/kvpress_memories.py --base ~/.cache/emloc/models/smollm2-135m --context ctx.safetensors \\
         --presses snapkv,pyramidkv,streamingllm,tova,knorm,expected_attention,random --ratios 0.1,0.2,0.3,0.5 \\
         --fingerprint HEX --num-demos 24 --out memories/
@@ -30,6 +47,7 @@ the transformers version here differs, and the fingerprint hashes the config, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -61,10 +79,47 @@ def press_factories() -> dict:
         "knorm": simple(kvpress.KnormPress),
         "expected_attention": simple(kvpress.ExpectedAttentionPress),
         "random": simple(kvpress.RandomPress, seed=0),
+        "kvzip": simple(kvzip_press_class()),
         # head-wise budgets: kvpress keeps every token in the cache and masks some per head (masked_key_indices);
         # usable only when the heads of each layer happen to keep equal counts (see `head_masks`).
         "adakv_snapkv": lambda cr, **kwargs: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=cr), **kwargs),
     }
+
+
+def kvzip_press_class():
+    """kvpress's `KVzipPress`, keeping the per-pair scores it computed (`kept_scores`, `[layers, 1, kv_heads, T]`) so
+    that head budgets can be equalised by KVzip's own ranking (kvpress resets its scores when the press exits)."""
+    from kvpress import KVzipPress
+
+    @dataclasses.dataclass
+    class KVzipKeepingScores(KVzipPress):
+        def compress_post(self, model):
+            super().compress_post(model)  # also raises the attention sinks' scores to the top
+            self.kept_scores = self.score_val.detach().float().cpu().clone()
+
+    KVzipKeepingScores.__name__ = KVzipKeepingScores.__qualname__ = "KVzipPress"
+    return KVzipKeepingScores
+
+
+@contextlib.contextmanager
+def tokenizer_for(model, tokenizer_dir: str | None, template: str):
+    """Points `model.config.name_or_path` (where KVzip loads its tokenizer from) at `tokenizer_dir`, without its chat
+    template for a plain-rendered context; restored afterwards."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    previous = model.config.name_or_path
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or previous)
+        if template == "plain":
+            tokenizer.chat_template = None
+        tokenizer.save_pretrained(work)
+        model.config.name_or_path = work
+        try:
+            yield
+        finally:
+            model.config.name_or_path = previous
 
 
 def press_params(press) -> dict:
@@ -106,8 +161,6 @@ def prefill(model, input_ids: torch.Tensor, press=None):
     """kvpress's pipeline prefill (`KVPressTextGenerationPipeline._forward`): the decoder without the LM head over the
     whole context into a fresh `DynamicCache`, inside the press's context manager. Returns the cache and the press's
     per-layer head masks (AdaKV-style presses), if any."""
-    import contextlib
-
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -172,9 +225,23 @@ def head_masks(masked, layer: int, heads: int, length: int) -> torch.Tensor | No
     return keep
 
 
-def build_memory(model, press, input_ids, token_types, full_kv, press_name: str, cr: float) -> tuple[TaskMemory | None, str]:
-    """One memory from one press; (None, reason) if the press's result cannot be written in our format."""
+def equal_head_budget(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`[H, T]` keep mask with the same count per head: the layer's total kept (`keep.sum()`) shared equally by the
+    heads, each taking its top tokens by `scores` `[H, T]` (KVzip's per-pair scores)."""
+    heads, length = keep.shape
+    per_head = min(length, max(1, round(int(keep.sum()) / heads)))
+    top = scores.topk(per_head, dim=-1).indices
+    return torch.zeros_like(keep).scatter_(1, top, True)
+
+
+def build_memory(model, press, input_ids, token_types, full_kv, press_name: str, cr: float) -> tuple[TaskMemory | None, str, dict]:
+    """One memory from one press; `(None, reason, info)` if the press's result cannot be written in our format.
+    `info` has `press_seconds` (the prefill with the press, KVzip's reconstruction included) and, for KVzip, the
+    per-head counts it chose before the head budgets were equalised."""
+    started = time.perf_counter()
     cache, masked = prefill(model, input_ids, press)
+    info = {"press_seconds": round(time.perf_counter() - started, 3)}
+    scores = getattr(press, "kept_scores", None)  # KVzip: [L, 1, H, T]
     layers, counts = [], []
     for layer in range(len(full_kv)):
         full_keys, full_values = full_kv[layer]
@@ -186,9 +253,11 @@ def build_memory(model, press, input_ids, token_types, full_kv, press_name: str,
             per_head = keep.sum(dim=1)
             counts.append(per_head.tolist())
             if per_head.unique().numel() != 1:
-                return None, (f"layer {layer} keeps {per_head.tolist()} tokens per KV head (head-wise budgets); the memory "
-                              f"format needs equal counts per head within a layer — skipped (padding would change "
-                              f"attention)")
+                if scores is None:
+                    return None, (f"layer {layer} keeps {per_head.tolist()} tokens per KV head (head-wise budgets); the "
+                                  f"memory format needs equal counts per head within a layer — skipped (padding would "
+                                  f"change attention)"), info
+                keep = equal_head_budget(keep, scores[layer, 0, :, :keep.shape[1]])
             select = torch.stack([torch.nonzero(keep[h]).squeeze(1) for h in range(keep.shape[0])])
             keys = keys.gather(1, select[..., None].expand(-1, -1, keys.shape[-1]))
             values = values.gather(1, select[..., None].expand(-1, -1, values.shape[-1]))
@@ -200,11 +269,15 @@ def build_memory(model, press, input_ids, token_types, full_kv, press_name: str,
         dtype = cache_kv(cache, layer)[0].dtype
         layers.append(MemoryLayer(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), index.contiguous(),
                                   token_types[index].contiguous()))
-    return TaskMemory(layers, next_position=input_ids.shape[1]), ""
+    if scores is not None:
+        info["head_budget"] = "equal-within-layer"
+        info["kvzip_head_counts"] = counts
+    return TaskMemory(layers, next_position=input_ids.shape[1]), "", info
 
 
 def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name: str, press, cr: float,
-                 fingerprint: str, seconds: float, itemsize: int) -> dict:
+                 fingerprint: str, seconds: float, itemsize: int, rendering: dict | None,
+                 info: dict | None = None) -> dict:
     """`memory_config.json` content, the same keys as the main venv's builder writes (design §7)."""
     import transformers
 
@@ -218,7 +291,7 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
     for type_id, name in enumerate(TOKEN_TYPE_NAMES):
         kept = sum(float((layer.token_types == type_id).sum()) / heads for layer in memory.layers) / max(1, len(layers))
         type_stats[name] = {"full": int((token_types == type_id).sum()), "kept": round(kept, 2)}
-    return {
+    stats = {
         "base_model": {"name_or_path": args.base_name or args.base, "fingerprint": fingerprint},
         "method": {
             "name": f"kvpress:{press_name}",
@@ -229,6 +302,8 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
                 "press_params": press_params(press),
                 "kvpress_version": _version("kvpress"),
                 "transformers_version": transformers.__version__,
+                **({"head_budget": info["head_budget"], "template": args.template}
+                   if info and "head_budget" in info else {}),
             },
         },
         "num_demos": args.num_demos,
@@ -240,9 +315,13 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
         "token_types": type_stats,
         "layers": layers,
         "build": {"seconds": round(seconds, 3), "query_agnostic": True,
+                  **{k: v for k, v in (info or {}).items() if k != "head_budget"},
                   "note": "prefill of the whole context with the press applied (kvpress pipeline); positions "
                           "recovered by matching kept keys to an uncompressed prefill"},
     }
+    if rendering is not None:  # how the context was rendered and tokenised: a processor that renders otherwise is refused
+        stats["rendering"] = rendering
+    return stats
 
 
 def _version(name: str) -> str:
@@ -280,6 +359,11 @@ def main(argv=None) -> int:
     parser.add_argument("--press-args", default="{}",
                         help='JSON of extra press kwargs per press, e.g. \'{"pyramidkv": {"beta": 4}}\'')
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for presses that prompt the model (KVzip); default: --base")
+    parser.add_argument("--template", default=None, choices=("chat", "plain"),
+                        help="how the context was rendered (default: the context file's metadata `template` or "
+                             "`rendering`, else chat); with plain, KVzip's prompt goes without the chat template")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,6 +392,12 @@ def main(argv=None) -> int:
     input_ids, token_types, metadata = load_context(args.context)
     if args.num_demos is None and "num_demos" in metadata:
         args.num_demos = int(metadata["num_demos"])
+    rendering = json.loads(metadata["rendering"]) if "rendering" in metadata else None
+    if args.template is None:
+        args.template = metadata.get("template") or (rendering or {}).get("template") or "chat"
+    if rendering is None:
+        print(f"warning: {args.context} records no rendering (metadata 'rendering'); processors will refuse these "
+              f"memories", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model.eval()
     fingerprint = args.fingerprint
@@ -332,15 +422,18 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             try:
                 press = factories[name](cr, **press_args.get(name, {}))
-                memory, reason = build_memory(model, press, input_ids, token_types, full_kv, name, cr)
+                scope = tokenizer_for(model, args.tokenizer, args.template) if name == "kvzip" else contextlib.nullcontext()
+                with scope:
+                    memory, reason, info = build_memory(model, press, input_ids, token_types, full_kv, name, cr)
             except Exception as error:  # a press that fails on this model/context is reported, the others go on
-                memory, reason = None, f"{type(error).__name__}: {error}"
+                memory, reason, info = None, f"{type(error).__name__}: {error}", {}
             seconds = time.perf_counter() - started
             if memory is None:
                 print(f"SKIPPED {target.name}: {reason}", flush=True)
                 summary.append({"press": name, "compression_ratio": cr, "kept_ratio": kept, "skipped": reason})
                 continue
-            memory.stats = memory_stats(memory, token_types, args, name, press, cr, fingerprint, seconds, itemsize)
+            memory.stats = memory_stats(memory, token_types, args, name, press, cr, fingerprint, seconds, itemsize,
+                                        rendering, info)
             memory.save_pretrained(target)
             totals = memory.stats["totals"]
             tokens = memory.tokens_per_layer()

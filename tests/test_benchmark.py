@@ -1,0 +1,168 @@
+"""The benchmark (examples/benchmark.py): pooling seeded splits, paired intervals, the report — on synthetic per-split
+`results.json` files — and a resumable smoke run on a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+
+CHOICES = ["a", "b", "c"]
+
+
+def _method(rng, answers, accuracy, kept=None, build=1.0, memory_method=None):
+    correct = rng.random(len(answers)) < accuracy
+    predictions, logprobs = [], []
+    for answer, ok in zip(answers, correct):
+        index = CHOICES.index(answer) if ok else (CHOICES.index(answer) + 1) % 3
+        scores = [-3.0, -2.5, -4.0]
+        scores[index] = -0.2
+        predictions.append(CHOICES[index])
+        logprobs.append(scores)
+    record = {"accuracy": float(correct.mean()), "predictions": predictions, "choice_logprobs": logprobs,
+              "kept_ratio": kept, "build_seconds": build, "query_seconds_mean": 0.1}
+    if memory_method:
+        record["memory_stats"] = {"method": {"name": memory_method}}
+    return record
+
+
+def _write_split(path, seed, n, methods, failed=()):
+    rng = np.random.default_rng(seed)
+    answers = [CHOICES[i] for i in rng.integers(0, 3, n)]
+    records = {label: _method(rng, answers, *spec) for label, spec in methods.items()}
+    records.update({label: {"error": "RuntimeError: kvpress snapkv failed"} for label in failed})
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"model": "m", "task": path.parent.name, "num_demos": 90,
+                                                   "num_queries": n, "machine": "test machine", "methods": records,
+                                                   "answers": answers}))
+    return records, answers
+
+
+SUITE = {  # label: (accuracy, kept share, build seconds, recorded method)
+    "zero-shot": (0.3, 0.0, 0.0), "full": (0.8, 1.0, 2.0), "emloc": (0.5, 0.2, 20.0, "emloc"),
+    "default": (0.75, 0.2, 10.0, "emloc"), "random@emloc": (0.45, 0.2, 2.0), "random@default": (0.45, 0.2, 2.0),
+    "kvzip@default": (0.6, 0.2, 5.0), "kvzip@0.1": (0.5, 0.1, 5.0), "random@0.1": (0.35, 0.1, 2.0),
+    "lora[epochs=5;learning_rate=0.002]": (0.7, 0.0, 30.0),
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    model = out / "smollm2-135m"
+    _write_split(model / "iris" / "screen-seed100", 100, 60, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
+    splits = {seed: _write_split(model / "iris" / f"seed{seed}", seed, 60, SUITE,
+                                 failed=("snapkv@default",) if seed == 0 else ()) for seed in (0, 1)}
+    path = model / "iris" / "seed1" / "results.json"  # snapkv@default failed on seed 0, works on seed 1
+    results = json.loads(path.read_text())
+    results["methods"]["snapkv@default"] = _method(np.random.default_rng(5), results["answers"], 0.5, 0.2, 3.0)
+    path.write_text(json.dumps(results))
+    splits[1][0]["snapkv@default"] = results["methods"]["snapkv@default"]
+    _write_split(model / "digits_text" / "screen-seed100", 101, 50, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
+    _write_split(model / "digits_text" / "seed0", 7, 50, SUITE)
+    _write_split(model / "wine" / "screen-seed100", 102, 50, {"zero-shot": (0.5, 0.0, 0.0), "full": (0.5, 1.0, 2.0)})
+    _write_split(model / "wine" / "seed0", 8, 50, SUITE)  # on disk, but the task has no many-shot gain
+    _write_split(model / "iris" / "select-seed100", 9, 60, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0),
+                                                            "emloc[probe=future]": (0.7, 0.2, 20.0, "emloc")})
+    import benchmark
+
+    benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+    return out, splits
+
+
+def test_pooled_numbers_and_comparators(synthetic):
+    out, splits = synthetic
+    saved = json.loads((out / "results.json").read_text())
+    iris = saved["models"]["smollm2-135m"]["tasks"]["iris"]
+    assert iris["num_queries"] == 120 and [s["seed"] for s in iris["splits"]] == [0, 1]
+    methods = iris["methods"]
+    correct = {label: np.concatenate([[p == a for p, a in zip(splits[s][0][label]["predictions"], splits[s][1])]
+                                      for s in (0, 1)]) for label in SUITE}
+    for label in SUITE:
+        assert methods[label]["accuracy"]["estimate"] == pytest.approx(correct[label].mean())
+        assert methods[label]["accuracy"]["low"] <= correct[label].mean() <= methods[label]["accuracy"]["high"]
+    zero, full, emloc = (correct[k].mean() for k in ("zero-shot", "full", "emloc"))
+    assert methods["emloc"]["retained_gain"]["estimate"] == pytest.approx((emloc - zero) / (full - zero))
+    assert methods["emloc"]["vs_full"]["estimate"] == pytest.approx(emloc - full)
+    assert methods["emloc"]["vs_random"]["against"] == "random@emloc"
+    assert methods["kvzip@default"]["vs_random"]["against"] == "random@default"
+    assert methods["kvzip@0.1"]["vs_random"]["against"] == "random@0.1"
+    assert set(methods["default"]["vs_same_share"]) == {"random@default", "kvzip@default", "snapkv@default"}
+    assert "vs_random" not in methods["lora[epochs=5;learning_rate=0.002]"] and "vs_random" not in methods["random@0.1"]
+    assert methods["lora[epochs=5;learning_rate=0.002]"]["kept_ratio"] == 0.0
+    assert methods["emloc"]["build_over_full_prefill"] == pytest.approx(10.0)
+    assert methods["emloc"]["kept_ratio"] == pytest.approx(0.2)
+    full_top = [np.argmax(r) for s in (0, 1) for r in splits[s][0]["full"]["choice_logprobs"]]
+    emloc_top = [np.argmax(r) for s in (0, 1) for r in splits[s][0]["emloc"]["choice_logprobs"]]
+    assert methods["emloc"]["agreement"] == pytest.approx(np.mean(np.equal(full_top, emloc_top)))
+    assert methods["full"]["agreement"] == 1.0 and methods["full"]["mean_js"] == 0.0
+    snapkv = methods["snapkv@default"]  # failed on seed 0: pooled over seed 1 only, the failure kept
+    assert snapkv["num_splits"] == 1 and snapkv["num_queries"] == 60 and snapkv["errors"][0]["seed"] == 0
+    assert snapkv["vs_full"]["n"] == 60
+    assert iris["splits"][0]["failed"] == {"snapkv@default": "RuntimeError: kvpress snapkv failed"}
+
+
+def test_dropped_tasks_summary_and_report(synthetic):
+    out, _ = synthetic
+    saved = json.loads((out / "results.json").read_text())
+    model = saved["models"]["smollm2-135m"]
+    assert not model["tasks"]["wine"]["screen"]["kept"] and model["tasks"]["wine"]["methods"] == {}
+    assert model["tasks"]["wine"]["screen"]["verdict"].startswith("dropped")
+    summary = model["summary"]
+    assert "snapkv@default" not in summary  # not measured on digits_text
+    assert summary["emloc"]["tasks"] == ["digits_text", "iris"]
+    iris, digits = (model["tasks"][t]["methods"]["emloc"]["accuracy"]["estimate"] for t in ("iris", "digits_text"))
+    assert summary["emloc"]["accuracy"]["estimate"] == pytest.approx((iris + digits) / 2)  # tasks weigh the same
+    assert summary["emloc"]["vs_random"]["against"] == "random@emloc"
+    report = (out / "report.md").read_text()
+    for text in ("## Summary", "| SmolLM2-135M-Instruct | `default` |", "| wine | 178 | - |", "dropped: the full context gains",
+                 "## Targets of issue 9 for `default`", "accuracy_vs_kept_smollm2-135m.png", "## Warnings",
+                 "smollm2-135m/iris: 120 pooled queries", "[smollm2-135m/iris/seed0](smollm2-135m/iris/seed0/results.json)"):
+        assert text in report, text
+    assert (out / "accuracy_vs_kept_smollm2-135m.png").stat().st_size > 10_000
+    selection = (out / "selection" / "report.md").read_text()
+    assert "`emloc[probe=future]`" in selection and "not a reported result" in selection
+
+
+def test_comparators_and_method_specs():
+    import benchmark
+    import evaluate_memory
+
+    assert benchmark.random_comparator("emloc[probe=future;protect=extra]") == "random@emloc[probe=future;protect=extra]"
+    assert benchmark.random_comparator("kvzip@emloc[probe=future]") == "random@emloc[probe=future]"
+    assert benchmark.random_comparator("full") is None and benchmark.random_comparator("rices[k=8]") is None
+    assert benchmark.random_comparator("emloc+select@0.5") is None
+    specs = evaluate_memory.parse_methods("default[method=emloc;ratios=0.1/0.2],random@default,kvzip@emloc[probe=future],"
+                                          "emloc[ratios=0.1,0.2],emloc[probe=future],full")
+    assert [s.label for s in specs][0] == "default[method=emloc;ratios=0.1/0.2]"
+    assert specs[0].params == {"method": "emloc", "ratios": (0.1, 0.2)} and specs[3].params == {"ratios": (0.1, 0.2)}
+    assert specs[1].reference == "default" and specs[2].reference == "emloc[probe=future]"
+    ordered = [s.label for s in evaluate_memory.order_specs(specs)]
+    assert ordered[0] == "full" and ordered.index("kvzip@emloc[probe=future]") > ordered.index("emloc[probe=future]")
+    assert evaluate_memory.parse_methods("random@0.25")[0].kept == 0.25
+
+
+def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
+    """Two seeded splits of a tiny random model: screening, splits, report; a second call reruns nothing."""
+    import benchmark
+    from tiny_models import build_tiny_emloc
+
+    repo = build_tiny_emloc("llama", tmp_path / "tiny-llama", template="plain")
+    args = ["--out", str(tmp_path / "bench"), "--models", str(repo), "--tasks", "iris", "--seeds", "0,1", "--demos", "8",
+            "--queries", "5", "--methods", "zero-shot,full,default,random@default,emloc[ratios=0.1/0.5],random@0.25",
+            "--min-gain", "-1", "--bootstrap", "200"]
+    saved = benchmark.main(args)
+    task = saved["models"]["tiny-llama"]["tasks"]["iris"]
+    assert [s["seed"] for s in task["splits"]] == [0, 1] and task["num_queries"] == 10
+    for label in ("full", "default", "random@default", "emloc[ratios=0.1/0.5]", "random@0.25"):
+        assert task["methods"][label]["num_queries"] == 10, task["methods"][label].get("errors")
+    assert task["methods"]["default"]["vs_random"]["against"] == "random@default"
+    assert task["methods"]["default"]["memory_method"] == ["emloc"]
+    split = tmp_path / "bench" / "tiny-llama" / "iris" / "seed0"
+    recorded = json.loads((split / "results.json").read_text())
+    assert recorded["methods"]["emloc[ratios=0.1/0.5]"]["memory_stats"]["method"]["params"]["ratios"] == [0.1, 0.5]
+    assert recorded["methods"]["random@default"]["kept_ratio"] == pytest.approx(
+        recorded["methods"]["default"]["kept_ratio"], abs=0.05)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "bench").rglob("results.json") if "seed" in p.parent.name}
+    benchmark.main(args)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert "tiny-llama" in (tmp_path / "bench" / "report.md").read_text()

@@ -1,0 +1,89 @@
+"""The benchmark's statistics (examples/stats.py): paired, stratified bootstrap intervals and per-query fidelity."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stats import choice_js, paired_bootstrap, stratified_indices, top_choice
+
+
+def _bernoulli(p, n, seed):
+    return (np.random.default_rng(seed).random(n) < p).astype(float)
+
+
+def test_identical_methods_give_a_difference_interval_around_zero():
+    a = _bernoulli(0.6, 240, 0)
+    result = paired_bootstrap({"a": a, "b": a.copy()}, contrasts=[("a", "b")], resamples=500)
+    diff = result["diff"]["a-b"]
+    assert diff["estimate"] == 0 and diff["low"] == 0 and diff["high"] == 0  # paired: every resample is exactly 0
+    assert result["mean"]["a"]["low"] < a.mean() < result["mean"]["a"]["high"]
+
+
+def test_noisy_but_equal_methods_contain_zero_and_different_ones_exclude_it():
+    n = 300
+    a, b = _bernoulli(0.6, n, 1), _bernoulli(0.6, n, 2)  # same accuracy, independent errors
+    result = paired_bootstrap({"a": a, "b": b}, contrasts=[("a", "b")], resamples=2000, seed=3)
+    assert result["diff"]["a-b"]["low"] < 0 < result["diff"]["a-b"]["high"]
+    good, bad = _bernoulli(0.85, n, 4), _bernoulli(0.35, n, 5)
+    result = paired_bootstrap({"good": good, "bad": bad}, contrasts=[("good", "bad")], resamples=2000, seed=3)
+    assert result["diff"]["good-bad"]["low"] > 0.3
+    assert result["diff"]["good-bad"]["estimate"] == pytest.approx(good.mean() - bad.mean())
+
+
+def test_same_seed_same_intervals_other_seed_other_intervals():
+    values = {"a": _bernoulli(0.5, 200, 6), "b": _bernoulli(0.7, 200, 7)}
+    first = paired_bootstrap(values, contrasts=[("b", "a")], resamples=400, seed=11)
+    again = paired_bootstrap(values, contrasts=[("b", "a")], resamples=400, seed=11)
+    other = paired_bootstrap(values, contrasts=[("b", "a")], resamples=400, seed=12)
+    assert first == again
+    assert first["diff"]["b-a"]["low"] != other["diff"]["b-a"]["low"] or first["mean"]["a"] != other["mean"]["a"]
+
+
+def test_strata_keep_their_sizes_and_weights_make_a_mean_of_group_means():
+    groups = np.array([0] * 10 + [1] * 30)
+    index = stratified_indices(groups, 50, np.random.default_rng(0))
+    assert (groups[index] == groups).all()  # every resample keeps 10 of group 0 and 30 of group 1
+    # two tasks of different sizes, each weighing the same: the mean is the mean of the two task means
+    x = np.concatenate([np.ones(10), np.zeros(30)])
+    weights = np.concatenate([np.full(10, 1 / 10), np.full(30, 1 / 30)])
+    result = paired_bootstrap({"x": x}, groups=groups, weights=weights, resamples=100)
+    assert result["mean"]["x"]["estimate"] == pytest.approx(0.5)
+    assert result["mean"]["x"]["low"] == pytest.approx(0.5) and result["mean"]["x"]["high"] == pytest.approx(0.5)
+
+
+def test_missing_values_are_left_out_pairwise():
+    a = np.array([1.0, 1.0, np.nan, 0.0])
+    b = np.array([0.0, 1.0, 1.0, 0.0])
+    result = paired_bootstrap({"a": a, "b": b}, contrasts=[("a", "b")], resamples=100)
+    assert result["mean"]["a"]["n"] == 3 and result["mean"]["a"]["estimate"] == pytest.approx(2 / 3)
+    assert result["diff"]["a-b"]["n"] == 3 and result["diff"]["a-b"]["estimate"] == pytest.approx(1 / 3)
+
+
+def test_retained_gain_interval():
+    n = 400
+    zero, full = _bernoulli(0.3, n, 8), _bernoulli(0.8, n, 9)
+    half = np.where(np.random.default_rng(10).random(n) < 0.5, zero, full)  # answers like full on half the queries
+    result = paired_bootstrap({"m": half, "zero": zero, "full": full}, gains=[("m", "zero", "full"), ("full", "zero", "full")],
+                              resamples=1000)
+    expected = (half.mean() - zero.mean()) / (full.mean() - zero.mean())
+    assert result["gain"]["m"]["estimate"] == pytest.approx(expected)
+    assert result["gain"]["m"]["low"] < expected < result["gain"]["m"]["high"]
+    assert result["gain"]["full"]["estimate"] == pytest.approx(1.0)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="same length"):
+        paired_bootstrap({"a": [1, 0], "b": [1]})
+    with pytest.raises(ValueError, match="not given"):
+        paired_bootstrap({"a": [1, 0]}, contrasts=[("a", "b")])
+
+
+def test_choice_js_matches_the_fidelity_metric_and_top_choice_takes_the_first_tie():
+    assert choice_js([-0.1, -2.4], [-0.1, -2.4]) == 0.0
+    p, q = np.array([0.7, 0.2, 0.1]), np.array([0.2, 0.5, 0.3])
+    m = (p + q) / 2
+    expected = 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
+    assert choice_js(np.log(p) + 3.0, np.log(q)) == pytest.approx(expected)  # log-scores are renormalised
+    assert choice_js([0.0, -math.inf], [-math.inf, 0.0]) == pytest.approx(math.log(2))
+    assert top_choice([-1.0, -0.5, -0.5]) == 1

@@ -1,0 +1,140 @@
+"""The options that repair the paper's rule at small scale (issue 9), each against what it promises, on tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import demos_for
+from modeling_emloc import EmlocMethod, top_tokens
+from processing_emloc import ANSWER
+
+
+def _build(model, processor, family="llama", count=6, **kwargs):
+    kwargs.setdefault("chunk_size", 2)
+    kwargs.setdefault("method", "emloc")
+    return model.build_memory(demos_for(family, count), processor=processor, **kwargs)
+
+
+def _chunks(processor, family, count, chunk_size):
+    context = processor.encode_context(demos_for(family, count))
+    chunks = [context.demos[i:i + chunk_size] for i in range(0, len(context.demos), chunk_size)]
+    chunks[0] = [context.prefix, *chunks[0]]
+    return chunks
+
+
+def test_protected_extra_counts_the_ratio_over_the_other_tokens():
+    importance = torch.rand(2, 50)
+    must_keep = torch.zeros(50, dtype=torch.bool)
+    must_keep[[3, 4, 20, 21, 40]] = True
+    # the paper: max(ceil(0.1 * 50), 5) = 5 — the answers fill the ratio alone
+    assert top_tokens(importance, 0.1, must_keep).shape == (2, 5)
+    # extra: ceil(0.1 * 45) = 5 other tokens on top of the 5 answers
+    index = top_tokens(importance, 0.1, must_keep, protected_extra=True)
+    assert index.shape == (2, 10)
+    for head in range(2):
+        assert {3, 4, 20, 21, 40} <= set(index[head].tolist())
+
+
+def test_protect_extra_keeps_answers_plus_the_ratio_of_the_rest(tiny):
+    model, processor, _ = tiny("llama")
+    memory = _build(model, processor, delta=1e9, ratios=(0.2,), protect="extra")
+    expected = 0
+    for spans in _chunks(processor, "llama", 6, 2):
+        length = sum(len(s) for s in spans)
+        answers = sum(int((s.token_types == ANSWER).sum()) for s in spans)
+        expected += math.ceil(0.2 * (length - answers)) + answers
+    assert memory.tokens_per_layer() == [expected] * model.family.num_layers
+    assert memory.stats["method"]["params"]["protect"] == "extra"
+
+
+def test_future_probe_uses_demonstrations_no_memory_has_seen():
+    method = EmlocMethod(probe="future", probe_size=3)
+    assert method.probe_demos(10, [0, 1]) == [2, 3, 4]
+    assert method.probe_demos(10, [4, 5]) == [6, 7, 8]
+    # the last chunk has no successors: it borrows the first demonstrations
+    assert method.probe_demos(10, [8, 9]) == [0, 1, 2]
+    assert method.probe_demos(10, [6, 7]) == [8, 9, 0]
+    assert EmlocMethod(probe="self").probe_demos(10, [4, 5]) == [4, 5]
+    for chunk in ([0, 1], [8, 9]):
+        assert not set(EmlocMethod(probe="heldout", probe_size=3).probe_demos(10, chunk)) & set(chunk)
+
+
+def test_first_position_scores_one_position_per_probe_row(tiny):
+    from modeling_emloc import MemoryBuilder, Probe
+
+    model, processor, _ = tiny("llama")
+    method = EmlocMethod()
+    builder = MemoryBuilder(model, processor, method, chunk_size=2, pool_width=5)
+    builder.context = processor.encode_context(demos_for("llama", 4))
+    memory = model._empty_memory()
+    from processing_emloc import EncodedSpan
+
+    chunk = model._prefill_chunk(memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos[:2]]))
+    rows = builder.context.demos[2:4]
+    every = Probe(builder, memory, chunk, rows, positions="answer")
+    first = Probe(builder, memory, chunk, rows, positions="first")
+    assert first.predicting.sum(dim=1).tolist() == [1, 1]
+    assert every.predicting.sum() > first.predicting.sum()
+    # the first scored position of each row is the same under both rules, and so is its reference distribution
+    for row in range(2):
+        assert every.predicting[row].nonzero()[0] == first.predicting[row].nonzero()[0]
+    torch.testing.assert_close(first.reference[0], every.reference[0])
+    # over choices: the reference is a distribution over the choices' first tokens
+    choice_ids = torch.tensor([5, 9, 17])
+    over = Probe(builder, memory, chunk, rows, positions="first", choice_ids=choice_ids)
+    assert over.reference.shape == (2, 3)
+    torch.testing.assert_close(over.reference.exp().sum(-1), torch.ones(2))
+    assert over.divergence(0, {}) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_choices_divergence_uses_the_first_tokens_of_the_choices(tiny):
+    from modeling_emloc import MemoryBuilder
+
+    model, processor, _ = tiny("llama")
+    demos = demos_for("llama", 4)
+    builder = MemoryBuilder(model, processor, EmlocMethod(over="choices"), chunk_size=2, pool_width=5)
+    builder.context = processor.encode_context(demos)
+    ids = builder.method.choice_ids(builder, [0, 1])
+    choices = builder.context.examples[0].choices  # iris: setosa, versicolor, virginica
+    assert ids.tolist() == sorted({int(processor.encode_choice(c)[0]) for c in choices})
+    # a row without choices: compare whole distributions
+    builder.context.examples[1].choices = None
+    assert builder.method.choice_ids(builder, [0, 1]) is None
+    memory = _build(model, processor, over="choices", delta=0.001)
+    assert memory.stats["method"]["params"]["over"] == "choices"
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_layer_groups_share_one_decision_and_cost_fewer_evaluations(tiny, group):
+    model, processor, _ = tiny("llama")
+    layers = model.family.num_layers
+    each = _build(model, processor, delta=0.002)
+    grouped = _build(model, processor, delta=0.002, layer_group=group)
+    for chunk in grouped.stats["build"]["chunks"]:
+        top = layers - 1
+        while top >= 0:
+            bottom = max(0, top - group + 1)
+            assert len(set(chunk["ratios"][bottom:top + 1])) == 1
+            top = bottom - 1
+    assert sum(c["probe_evaluations"] for c in grouped.stats["build"]["chunks"]) <= \
+        sum(c["probe_evaluations"] for c in each.stats["build"]["chunks"])
+    assert grouped.stats["method"]["params"]["layer_group"] == group
+
+
+def test_layer_group_of_one_is_the_paper(tiny):
+    model, processor, _ = tiny("llama")
+    paper = _build(model, processor, delta=0.002)
+    same = _build(model, processor, delta=0.002, layer_group=1)
+    assert paper.tokens_per_layer() == same.tokens_per_layer()
+    for a, b in zip(paper.layers, same.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+    assert paper.stats["method"] == same.stats["method"]
+
+
+def test_options_are_checked():
+    for option, value in (("protect", "all"), ("positions", "last"), ("over", "labels"), ("probe", "next")):
+        with pytest.raises(ValueError, match=f"{option} must be one of"):
+            EmlocMethod(**{option: value})
+    with pytest.raises(ValueError, match="layer_group"):
+        EmlocMethod(layer_group=0)
