@@ -24,6 +24,9 @@ class EmlocConfig(PreTrainedConfig):
             `"self"` probes a chunk with its own demonstrations (as the paper), `"heldout"` with others.
         pool_width (`int`, *optional*, defaults to 5):
             Width of the average pool that smooths token importance along the sequence.
+        method (`str`, *optional*, defaults to `"emloc-query"`):
+            The compression method `build_memory` uses when none is given. `delta`, `ratios` and `probe` above are
+            the settings of `"emloc"`, the paper's rule; `"emloc-query"` brings its own (README, "Why this default").
     """
 
     model_type = "emloc"
@@ -37,6 +40,7 @@ class EmlocConfig(PreTrainedConfig):
         chunk_size: int = 4,
         probe: str = "self",
         pool_width: int = 5,
+        method: str = "emloc-query",
         **kwargs,
     ):
         if isinstance(base_config, dict):
@@ -48,6 +52,7 @@ class EmlocConfig(PreTrainedConfig):
         self.chunk_size = int(chunk_size)
         self.probe = probe
         self.pool_width = int(pool_width)
+        self.method = method
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

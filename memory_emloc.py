@@ -4,16 +4,21 @@ The task memory: per layer, the kept keys and values of a demonstration context 
 
 Each KV head keeps its own tokens (equal counts inside a layer); layers may keep different counts. Keys keep the RoPE
 they were computed with, so pruned tokens just leave gaps in position space (EMLoC, §3.2). On disk a memory is a
-directory like a PEFT adapter: `memory.safetensors`, `memory_config.json` and a `README.md` card (design §7).
+directory like a PEFT adapter: `memory.safetensors`, `memory_config.json` and a `README.md` card (design §7). While it
+is built, a memory grows in place (`TaskMemory.extend`) and the build can be recorded chunk by chunk on disk, to be
+resumed after a crash (`BuildCheckpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +82,10 @@ class MemoryLayer:
     def num_tokens(self) -> int:
         return self.keys.shape[1]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors by field name; each has the token axis at dim 1."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def append(self, other: "MemoryLayer") -> "MemoryLayer":
         return MemoryLayer(
             keys=torch.cat([self.keys, other.keys], dim=1),
@@ -99,6 +108,9 @@ class TaskMemory:
         self.layers = layers
         self.next_position = int(next_position)
         self.stats = stats if stats is not None else {}
+        # growth buffers of `extend`, per layer, and the views of them that `layers` holds (see `extend`)
+        self._buffers: dict[int, MemoryLayer] = {}
+        self._views: dict[int, MemoryLayer] = {}
 
     @classmethod
     def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu") -> "TaskMemory":
@@ -108,6 +120,57 @@ class TaskMemory:
             return MemoryLayer(kv, kv.clone(), index, index.clone())
 
         return cls([layer() for _ in range(num_layers)], next_position=0)
+
+    # -- growing while it is built ----------------------------------------------------------------------------------
+
+    def extend(self, chunk: list[MemoryLayer], next_position: int) -> None:
+        """Appends a chunk's kept tokens (one `MemoryLayer` per layer) in place and moves `next_position` on.
+
+        Each layer lives in buffers with room to spare along the token axis whose capacity doubles when full, as a
+        vector grows: a build of `n` chunks copies each kept token a bounded number of times on average, where
+        concatenating per chunk would copy the whole memory `n` times. `layers` then holds views of the filled part —
+        the same values `MemoryLayer.append` would give, not necessarily contiguous. A tensor handed out before is never
+        written to (a chunk is written past its end, and growing moves to a new buffer), and a layer replaced from
+        outside is copied into a new buffer rather than overwritten.
+        """
+        if len(chunk) != len(self.layers):
+            raise ValueError(f"a chunk of {len(chunk)} layers cannot extend a memory of {len(self.layers)}")
+        # a new list (whoever holds the old one keeps what it had), filled layer by layer: a layer that moves to a
+        # larger buffer lets the old one go before the next layer grows
+        self.layers = list(self.layers)
+        for index, new in enumerate(chunk):
+            self.layers[index] = self._extend_layer(index, new)
+        self.next_position = int(next_position)
+
+    def _extend_layer(self, index: int, new: MemoryLayer) -> MemoryLayer:
+        layer, buffer = self.layers[index], self._buffers.get(index)
+        filled, needed = layer.num_tokens, layer.num_tokens + new.num_tokens
+        if buffer is None or self._views.get(index) is not layer or buffer.num_tokens < needed:
+            capacity = max(needed, 2 * filled)
+            buffer = MemoryLayer(**{
+                name: tensor.new_empty(tensor.shape[0], capacity, *tensor.shape[2:])
+                for name, tensor in layer.tensors().items()
+            })
+            for name, tensor in buffer.tensors().items():
+                tensor[:, :filled] = getattr(layer, name)
+            self._buffers[index] = buffer
+        for name, tensor in buffer.tensors().items():
+            tensor[:, filled:needed] = getattr(new, name)
+        view = MemoryLayer(**{name: tensor[:, :needed] for name, tensor in buffer.tensors().items()})
+        self._views[index] = view
+        return view
+
+    def compact(self) -> None:
+        """Gives each layer contiguous tensors of exactly its size and drops the growth buffers (the end of a build).
+        One layer at a time, so only one layer is ever held twice."""
+        self.layers = list(self.layers)
+        for index in list(self._buffers):
+            if self._views.get(index) is self.layers[index]:
+                self.layers[index] = MemoryLayer(**{
+                    name: tensor.clone(memory_format=torch.contiguous_format)
+                    for name, tensor in self.layers[index].tensors().items()
+                })
+            del self._buffers[index], self._views[index]
 
     # -- sizes ----------------------------------------------------------------------------------------------------------
 
@@ -147,6 +210,15 @@ class TaskMemory:
                for new, old in zip(layers, self.layers)):
             return self
         return TaskMemory(layers, self.next_position, copy.deepcopy(self.stats))
+
+    def digest(self) -> str:
+        """SHA-256 of the memory's tensors (names, dtypes, shapes, bytes) and `next_position`: equal digests, equal
+        memories."""
+        digest = hashlib.sha256(f"next_position={self.next_position}".encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # -- saving and loading ---------------------------------------------------------------------------------------------
 
@@ -230,6 +302,166 @@ class TaskMemory:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# A build that can be stopped and resumed
+# ---------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_STATE_NAME = "build_state.json"
+CHECKPOINT_VERSION = 1
+_CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors")
+_STAGING_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A `checkpoint_dir` cannot be resumed: it holds a build with other arguments, or is not a build checkpoint."""
+
+
+class BuildCheckpoint:
+    """The state of a memory build on disk, chunk by chunk, so that a build stopped at any moment resumes there.
+
+    The directory holds one `chunk-{k:05d}.safetensors` per completed chunk — per layer the kept tokens
+    (`layers.{l}.keys`, `.values`, `.positions`, `.token_types`, as `MemoryLayer` holds them) and the chunk's token types
+    before pruning (`full_token_types`, `[chunk_len]`) — and `build_state.json`: the build's arguments and, per completed
+    chunk, its `next_position` and statistics. Every file is written under a temporary name, synced and renamed, the
+    state last, so a crash at any moment leaves the last complete state whole (a chunk file beyond it is recomputed).
+    Only the new chunk is written each time: rewriting the whole partial memory after every chunk would make a build's
+    disk traffic grow with the square of its length.
+
+    Args:
+        directory: where the state lives; created with the first chunk.
+        arguments: everything that decides the memory's bytes, as JSON. A state recorded under other arguments is
+            refused with the differences named; the user deletes the directory to start over.
+    """
+
+    def __init__(self, directory: str | os.PathLike, arguments: dict):
+        self.directory = Path(directory)
+        self.arguments = json.loads(json.dumps(arguments))  # as it reads back (tuples become lists)
+        self.chunks: list[dict] = []  # per completed chunk: {"next_position": int, "stats": dict}
+        self.seconds = 0.0  # build time spent in the runs that wrote the completed chunks
+
+    def resume(self) -> int:
+        """Reads the recorded state, if any, and returns how many chunks it completed (0 for a new directory).
+
+        Raises `CheckpointError` when the directory holds anything but a build state, a state of another build (naming
+        each argument that differs) or an unreadable one. Leftovers of an interrupted write are removed.
+        """
+        if not self.directory.exists():
+            return 0
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint_dir is not a directory")
+        foreign = sorted(p.name for p in self.directory.iterdir() if not self._is_ours(p.name))
+        if foreign:
+            raise CheckpointError(
+                f"{self.directory}: not a build checkpoint (it holds {foreign[0]!r}); give a new or empty directory"
+            )
+        state_path = self.directory / CHECKPOINT_STATE_NAME
+        done = 0
+        if state_path.is_file():
+            try:
+                state = json.loads(state_path.read_text())
+                version, recorded, chunks = state["version"], state["arguments"], state["chunks"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{state_path}: unreadable build state ({error}); delete the directory to start over") from None
+            if version != CHECKPOINT_VERSION:
+                raise CheckpointError(f"{state_path}: unknown build state version {version!r} (this code writes {CHECKPOINT_VERSION})")
+            differing = _differences(recorded, self.arguments)
+            if differing:
+                raise CheckpointError(
+                    f"{self.directory}: holds a build with other arguments ({'; '.join(differing)}); resume with the same "
+                    f"arguments, or delete the directory (or give another checkpoint_dir) to start over"
+                )
+            missing = [k for k in range(len(chunks)) if not self._chunk_path(k).is_file()]
+            if missing:
+                raise CheckpointError(f"{self.directory}: {self._chunk_path(missing[0]).name} is missing; delete the directory to start over")
+            self.chunks, self.seconds, done = chunks, float(state.get("seconds", 0.0)), len(chunks)
+        for path in self.directory.iterdir():  # an interrupted write, or chunks the state never recorded
+            match = _CHUNK_FILE.fullmatch(path.name)
+            if path.name.startswith(_STAGING_PREFIX) or (match and int(match.group(1)) >= done):
+                path.unlink()
+        return done
+
+    def load_chunk(self, number: int) -> tuple[list[MemoryLayer], torch.Tensor]:
+        """Completed chunk `number`: per layer its kept tokens, and its token types before pruning `[chunk_len]`."""
+        from safetensors import safe_open
+
+        path = self._chunk_path(number)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises its own error type for truncated headers and data
+            raise CheckpointError(f"{path}: unreadable chunk ({error}); delete the directory to start over") from None
+        names = [field.name for field in dataclasses.fields(MemoryLayer)]
+        layers = []
+        while f"layers.{len(layers)}.keys" in tensors:
+            index = len(layers)
+            missing = [name for name in names if f"layers.{index}.{name}" not in tensors]
+            if missing:
+                raise CheckpointError(f"{path}: unreadable chunk (no tensor layers.{index}.{missing[0]}); delete the directory to start over")
+            layers.append(MemoryLayer(**{name: tensors[f"layers.{index}.{name}"] for name in names}))
+        if not layers or "full_token_types" not in tensors:
+            raise CheckpointError(f"{path}: unreadable chunk (no layers or token types); delete the directory to start over")
+        return layers, tensors["full_token_types"]
+
+    def add_chunk(self, layers: list[MemoryLayer], full_token_types: torch.Tensor, next_position: int, stats: dict,
+                  seconds: float) -> None:
+        """Records the next chunk: its kept tokens per layer, its token types before pruning `[chunk_len]`, the memory's
+        `next_position` after it, its statistics, and the build time spent so far (all runs)."""
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"layers.{index}.{name}": tensor.contiguous()
+            for index, layer in enumerate(layers) for name, tensor in layer.tensors().items()
+        }
+        tensors["full_token_types"] = full_token_types.contiguous()
+        _write_atomically(self._chunk_path(len(self.chunks)), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        self.chunks.append({"next_position": int(next_position), "stats": stats})
+        self.seconds = float(seconds)
+        state = {"version": CHECKPOINT_VERSION, "arguments": self.arguments, "seconds": round(self.seconds, 3),
+                 "chunks": self.chunks}
+        _write_atomically(self.directory / CHECKPOINT_STATE_NAME,
+                          lambda path: Path(path).write_text(json.dumps(state, indent=1) + "\n"))
+
+    def _chunk_path(self, number: int) -> Path:
+        return self.directory / f"chunk-{number:05d}.safetensors"
+
+    @staticmethod
+    def _is_ours(name: str) -> bool:
+        return name == CHECKPOINT_STATE_NAME or name.startswith(_STAGING_PREFIX) or _CHUNK_FILE.fullmatch(name) is not None
+
+
+def _differences(recorded: Any, current: Any, where: str = "") -> list[str]:
+    """`"key: recorded then, current now"` for every (dotted) key whose value differs."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            found += _differences(recorded.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+        return found
+    return [] if recorded == current else [f"{where or 'arguments'}: {recorded!r} then, {current!r} now"]
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Calls `write(path)` on a temporary sibling of `target`, syncs it and renames it to `target`: readers see the old
+    file or the new one, never a part (nor, after a power loss, an empty file under the new name)."""
+    handle, staging = tempfile.mkstemp(prefix=_STAGING_PREFIX, dir=target.parent)
+    os.close(handle)
+    try:
+        write(staging)
+        with open(staging, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(staging, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself lasts once the directory is synced (POSIX)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Fingerprint of a base model, and the memory card
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -263,15 +495,108 @@ def base_model_fingerprint(model: torch.nn.Module, config: Any) -> str:
     return digest.hexdigest()[:32]
 
 
-def memory_card(config: dict) -> str:
-    """The README.md of a memory directory or Hub repo: Hub metadata, what the memory is and how to load it."""
-    base = config.get("base_model", {}).get("name_or_path") or "unknown"
+def push_memory_to_hub(memory: TaskMemory, repo_id: str, private: bool | None = None,
+                       commit_message: str = "Upload task memory", revision: str | None = None,
+                       token: str | None = None, create_pr: bool = False) -> str:
+    """Pushes a memory to a Hub repo like an adapter (`memory.safetensors`, `memory_config.json`, `README.md`) and
+    returns the commit URL. The card shows the code that loads it from `repo_id`; no local path is pushed (a config
+    string naming a file or directory of this machine, e.g. the base model's directory recorded by an older emloc,
+    goes as None)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        folder = memory.save_pretrained(Path(staging) / "memory")
+        config = _without_local_paths(json.loads((folder / MEMORY_CONFIG_NAME).read_text()))
+        base = config.get("base_model")
+        if isinstance(base, dict) and base.get("name_or_path") is not None:
+            base["name_or_path"] = hub_name(base["name_or_path"])
+        (folder / MEMORY_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (folder / MEMORY_CARD_NAME).write_text(memory_card(config, repo_id=repo_id))
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision, create_pr=create_pr)
+    return str(info)
+
+
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):  # a path here, not text like "/x"
+        return None
+    return value
+
+
+def hub_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """`name_or_path` if it names a Hub repo (`name` or `owner/name`), else None: a local path (absolute, relative to
+    `.` or `~`, or an existing file or directory) means nothing on another machine and is never written into a memory
+    (design §7)."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    return name if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) else None
+
+
+def _card_code(config: dict, repo_id: str | None) -> str:
+    """Python that loads the model, the processor and this memory and asks a question, with every name filled in
+    that the config knows."""
+    base = config.get("base_model", {})
+    name = hub_name(base.get("name_or_path"))
+    rendering = config.get("rendering") or {}
+    memory_ref = json.dumps(repo_id or "path/to/this/memory")
+    images = (config.get("token_types", {}).get("image", {}).get("full") or 0) > 0
+    query = '{"image": "query.png", "question": "..."}' if images else '{"question": "..."}'
+    renders = ""
+    if rendering.get("template"):
+        renders = f"template={json.dumps(rendering['template'])}" + (
+            f", instruction={json.dumps(rendering['instruction'])}" if rendering.get("instruction") else "")
+    if name is not None and base.get("emloc_repo") is False:  # built on a base model wrapped by `from_base`
+        lines = [
+            "# the emloc package (pip install of its repository), or the *_emloc.py files of any Emloc repo:",
+            "from modeling_emloc import EmlocForConditionalGeneration",
+            "from processing_emloc import EmlocProcessor",
+            "",
+            f"model = EmlocForConditionalGeneration.from_base({json.dumps(name)})",
+            f"processor = EmlocProcessor.from_base({json.dumps(name)}{', ' + renders if renders else ''})",
+        ]
+    else:
+        repo = json.dumps(name if name is not None else "<an Emloc repo of the base model>")
+        lines = [
+            "from transformers import AutoModel, AutoProcessor",
+            "",
+            f"model = AutoModel.from_pretrained({repo}, trust_remote_code=True)",
+            f"processor = AutoProcessor.from_pretrained({repo}, trust_remote_code=True)",
+        ]
+        if renders:  # whatever the repo's processor renders by default, queries must follow the demonstrations
+            lines.append(f"processor = type(processor)(processor.base_processor, {renders})")
+    if not repo_id:
+        lines.append("# this directory, or the Hub repo it was pushed to:")
+    lines += [
+        f"model.load_memory({memory_ref}, processor=processor)",
+        "",
+        f"inputs = processor([{query}], return_tensors=\"pt\")",
+        "out = model.generate(**inputs, max_new_tokens=16)",
+        "print(processor.batch_decode(out[:, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)[0])",
+    ]
+    return "\n".join(lines)
+
+
+def memory_card(config: dict, repo_id: str | None = None) -> str:
+    """The README.md of a memory directory or Hub repo (`repo_id`, when pushed): Hub metadata, what the memory is, and
+    the exact code that loads the model, the processor and the memory and asks a question. Shows no local path."""
+    base = hub_name(config.get("base_model", {}).get("name_or_path")) or "unknown"
     method = config.get("method", {})
     totals = config.get("totals", {})
     kept = totals.get("kept_ratio")
     kept_text = f"{100 * kept:.1f} %" if isinstance(kept, (int, float)) and not math.isnan(kept) else "n/a"
     params = ", ".join(f"{k}={v}" for k, v in method.get("params", {}).items()) or "none"
-    base_meta = f"base_model: {base}\n" if base != "unknown" and not os.path.isabs(base) else ""
+    base_meta = f"base_model: {base}\n" if base != "unknown" else ""
     rendering = config.get("rendering") or {}
     template = rendering.get("template")
     if template is None:
@@ -281,7 +606,7 @@ def memory_card(config: dict) -> str:
         shown = repr(instruction).replace("|", "\\|") if instruction else ""  # a "|" would end the table cell
         rendering_text = f"`template={template!r}`" + (f", instruction {shown}" if instruction else "")
         rendering_text += f", {rendering.get('tokenization', 'per-segment')} tokenisation"
-    template_note = f"  # must render template={template!r}" if template else ""
+    ask = f"emloc ask {repo_id or 'path/to/this/memory'} \"...\"" + ("" if base != "unknown" else " --model EMLOC_REPO")
     return f"""---
 {base_meta}library_name: transformers
 tags:
@@ -308,20 +633,17 @@ usable with an Emloc model of that base without any training.
 ## Use
 
 ```python
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("<emloc repo of {base}>", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("<emloc repo of {base}>", trust_remote_code=True){template_note}
-model.load_memory("<this repo or directory>", name="task", processor=processor)
-inputs = processor([{{"question": "..."}}], return_tensors="pt")
-answers = processor.batch_decode(model.generate(**inputs, max_new_tokens=16))
+{_card_code(config, repo_id)}
 ```
+
+or from the command line: `{ask}`.
 
 Loading checks the base model's fingerprint and refuses a memory made for another model. Queries must be rendered
 as the demonstrations were (the processor's `template`, instruction, chat template and tokenizer, recorded under
-`rendering` in `memory_config.json`): given the processor, `load_memory` and `score_choices` refuse one that renders
-otherwise.
+`rendering` in `memory_config.json`): given the processor, `load_memory`, `generate` and `score_choices` refuse one
+that renders otherwise.
 """
 
 
-__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "base_model_fingerprint", "check_rendering", "memory_card"]
+__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "BuildCheckpoint", "CheckpointError", "base_model_fingerprint",
+           "check_rendering", "hub_name", "memory_card", "push_memory_to_hub"]

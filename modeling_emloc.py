@@ -15,12 +15,15 @@ under a Jensen-Shannon divergence bound. The file reads in pipeline order:
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +33,23 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     DynamicCache,
+    GenerationMixin,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
-    from .memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering
+    from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint,
+                               check_rendering, hub_name, push_memory_to_hub)
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
-    from memory_emloc import MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering
+    from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint,
+                              check_rendering, hub_name, push_memory_to_hub)
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -116,6 +123,9 @@ class TextFamily:
         shared = self.decoder.rotary_emb(hidden, rope_positions)
         return [shared] * self.num_layers
 
+    def repeat_media(self, input_ids: torch.Tensor, media: dict, times: int) -> dict:
+        raise ValueError(f"{type(self.model).__name__} is a text model: it takes no images or videos ({sorted(media)})")
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.model.lm_head.weight.device)
         logits = self.model.lm_head(self.decoder.norm(hidden.to(self.decoder.norm.weight.device)).to(hidden.device))
@@ -169,6 +179,39 @@ class QwenVLFamily(TextFamily):
     def text_positions(self, rope_positions: torch.Tensor) -> torch.Tensor:
         return rope_positions[0]
 
+    def repeat_media(self, input_ids: torch.Tensor, media: dict, times: int) -> dict:
+        """The images and videos of a batch with each row's own repeated `times` times, in row order (what `generate`
+        does to the rows for beams and `num_return_sequences`). `pixel_values` `[patches, dim]` and `image_grid_thw`
+        `[images, 3]` are not per row, so they are cut by each row's count of placeholder tokens (`input_ids`
+        `[batch, seq]`): an image of grid `(t, h, w)` has `t·h·w` patches and `t·h·w / merge²` placeholders."""
+        config = self.vl_model.config
+        merge = config.vision_config.spatial_merge_size ** 2
+        repeated = dict(media)
+        kinds = (("pixel_values", "image_grid_thw", config.image_token_id, None),
+                 ("pixel_values_videos", "video_grid_thw", config.video_token_id, "second_per_grid_ts"))
+        for pixels, grid, token_id, per_item in kinds:
+            if media.get(grid) is None:
+                continue
+            patches = media[grid].prod(-1).tolist()
+            items, item = [], 0
+            for count in (input_ids == token_id).sum(-1).tolist():
+                mine = []
+                while count > 0:
+                    mine.append(item)
+                    count -= patches[item] // merge
+                    item += 1
+                items.append(mine)
+            starts = [0]
+            for count in patches:
+                starts.append(starts[-1] + count)
+            order = [index for mine in items for _ in range(times) for index in mine]
+            repeated[grid] = media[grid][order]
+            repeated[pixels] = torch.cat([media[pixels][starts[i]:starts[i + 1]] for i in order])
+            if per_item is not None and media.get(per_item) is not None:
+                values = media[per_item]
+                repeated[per_item] = values[order] if isinstance(values, torch.Tensor) else [values[i] for i in order]
+        return repeated
+
     def position_embeddings(self, hidden: torch.Tensor, rope_positions: torch.Tensor) -> list:
         return [self.decoder.rotary_emb(hidden, rope_positions)] * self.num_layers
 
@@ -204,13 +247,41 @@ class PrefixedLayer(DynamicLayer):
         self._values = values.new_empty(batch, heads, length + headroom, dim)
         self._keys[:, :, :length] = keys
         self._values[:, :, :length] = values
-        self.length = length
+        self.length = self.prefix_length = length
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._expose()
 
     def _expose(self) -> None:
         self.keys = self._keys[:, :, : self.length]
         self.values = self._values[:, :, : self.length]
+
+    # Batch surgery for generation (beam search, `num_return_sequences`, scoring continuations). Every row holds the
+    # same prefix (one memory), so reordering rows only has to move the tokens fed after it.
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        index = beam_idx.to(self._keys.device)
+        fed = slice(self.prefix_length, self.length)
+        self._keys[:, :, fed] = self._keys[index, :, fed]
+        self._values[:, :, fed] = self._values[index, :, fed]
+        self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps (or repeats) the rows `indices` in this order."""
+        index = torch.as_tensor(indices, device=self._keys.device)
+        self._keys, self._values = self._keys[index], self._values[index]
+        self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._keys = self._keys.repeat_interleave(repeats, dim=0)
+        self._values = self._values.repeat_interleave(repeats, dim=0)
+        self._expose()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last `-tokens_to_remove` fed tokens (never the prefix)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(self.prefix_length, self.length + tokens_to_remove)
+        self._expose()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         needed = self.length + key_states.shape[2]
@@ -232,14 +303,23 @@ class EmlocCache(DynamicCache):
     """A `DynamicCache` whose layers start with a fixed prefix (a task memory, possibly with a chunk appended).
 
     Each layer may hold a different number of prefix tokens and each KV head its own tokens, so the cache also keeps
-    the prefix tokens' positions (`[kv_heads, tokens]` per layer) and, for the tokens fed afterwards, their positions and
-    padding (`[batch, tokens]`); `attention_mask(layer, ...)` builds the mask a stock attention function needs.
+    the prefix tokens' positions (`[kv_heads, tokens]` per layer) and, for the tokens fed afterwards, their positions,
+    padding and branch (`[batch, tokens]`); `attention_mask(layer, ...)` builds the mask a stock attention function
+    needs, and `next_position` (`[batch]`) is where each row's next token goes.
 
     The prefix is visible to every new token (it precedes them all), except outside a sliding window; new tokens see
-    each other causally. That is exactly what each token sees in the full context when nothing is pruned.
+    each other causally. That is exactly what each token sees in the full context when nothing is pruned. Two ids
+    restrict that further, for scoring many sequences in one pass: new tokens see only the new tokens of their own
+    segment (several queries packed into one row, sharing one copy of the prefix), and tokens of a branch `b > 0`
+    (continuations of a query) see the trunk (branch 0) and their own branch only.
+
+    For `generate` it behaves as a transformers cache of the tokens fed after the memory: `get_seq_length()` counts
+    those (the memory is not part of `input_ids`), and `reorder_cache` / `batch_repeat_interleave` /
+    `batch_select_indices` / `crop` move rows and tokens for beam search and `num_return_sequences`.
     """
 
-    def __init__(self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], batch_size: int):
+    def __init__(self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], batch_size: int,
+                 start_position: int = 0):
         layers = []
         self.prefix_positions: list[torch.Tensor | None] = []
         for entry in prefix:
@@ -258,13 +338,28 @@ class EmlocCache(DynamicCache):
         device = next((p.device for p in self.prefix_positions if p is not None), torch.device("cpu"))
         self.new_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.new_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.new_branches = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.new_segments = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.next_position = torch.full((batch_size,), int(start_position), dtype=torch.long, device=device)
         # per-query selection over the prefix (`select=`): per layer None or bool [batch, kv_heads, prefix_len]
         self.prefix_keep: list[torch.Tensor | None] = [None] * len(self.prefix_positions)
 
-    def add_tokens(self, text_positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Registers the positions `[batch, seq]` and padding of the tokens about to be fed."""
-        self.new_positions = torch.cat([self.new_positions, text_positions.to(self.new_positions.device)], dim=1)
-        self.new_valid = torch.cat([self.new_valid, valid.to(self.new_valid.device).bool()], dim=1)
+    def add_tokens(self, text_positions: torch.Tensor, valid: torch.Tensor, branches: torch.Tensor | None = None,
+                   segments: torch.Tensor | None = None) -> None:
+        """Registers the positions `[batch, seq]`, padding and (optionally) branches and segments of the tokens about
+        to be fed."""
+        device = self.new_positions.device
+        zeros = torch.zeros_like(text_positions, device=device)
+        self.new_positions = torch.cat([self.new_positions, text_positions.to(device)], dim=1)
+        self.new_valid = torch.cat([self.new_valid, valid.to(device).bool()], dim=1)
+        self.new_branches = torch.cat([self.new_branches, zeros if branches is None else branches.to(device).long()], dim=1)
+        self.new_segments = torch.cat([self.new_segments, zeros if segments is None else segments.to(device).long()], dim=1)
+
+    def advance(self, next_position: torch.Tensor, valid: torch.Tensor) -> None:
+        """After a pass: rows that fed a real token continue at `next_position` `[batch]` (one past their largest
+        position on any M-RoPE axis); the others stay where they were."""
+        device = self.next_position.device
+        self.next_position = torch.where(valid.to(device).any(-1), next_position.to(device), self.next_position)
 
     def attention_mask(self, layer: int, num_new: int, num_groups: int, sliding_window: int | None) -> torch.Tensor:
         """Boolean mask `[batch, 1 | heads, num_new, prefix + all new tokens]` (True = attend) for the last `num_new`
@@ -274,6 +369,12 @@ class EmlocCache(DynamicCache):
         query_index = torch.arange(total - num_new, total, device=query_positions.device)
         key_index = torch.arange(total, device=query_positions.device)
         new_part = (key_index[None, :] <= query_index[:, None])[None] & self.new_valid[:, None, :]
+        if bool(self.new_segments.any()):
+            new_part &= self.new_segments[:, None, :] == self.new_segments[:, total - num_new:, None]
+        if bool(self.new_branches.any()):
+            query_branches = self.new_branches[:, total - num_new:, None]
+            key_branches = self.new_branches[:, None, :]
+            new_part &= (key_branches == 0) | (key_branches == query_branches)
         new_part |= key_index[None, None, :] == query_index[None, :, None]  # padding rows attend to themselves
         if sliding_window is not None:
             new_part &= self.new_positions[:, None, :] > query_positions[:, :, None] - sliding_window
@@ -295,6 +396,43 @@ class EmlocCache(DynamicCache):
             prefix_part = prefix_part & keep[:, :, None, :]
         prefix_part = prefix_part.repeat_interleave(num_groups, dim=1)
         return torch.cat([prefix_part, new_part.expand(-1, prefix_part.shape[1], -1, -1)], dim=-1)
+
+    # -- as a transformers cache during `generate` ----------------------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens fed after the prefix: what `generate` counts as already processed of `input_ids`."""
+        return self.new_positions.shape[1]
+
+    def _rows(self, pick) -> None:
+        """Applies `pick` (a function of a `[batch, ...]` tensor) to every per-row record."""
+        for name in ("new_positions", "new_valid", "new_branches", "new_segments", "next_position"):
+            setattr(self, name, pick(getattr(self, name)))
+        self.prefix_keep = [pick(keep) if keep is not None else None for keep in self.prefix_keep]
+        self.rows = self.next_position.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps the rows `indices` in this order; an index may repeat (one row per continuation to score)."""
+        super().batch_select_indices(indices)
+        self._rows(lambda t: t[torch.as_tensor(indices, device=t.device)])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last `-tokens_to_remove` tokens fed after the prefix (`generate` undoing a step)."""
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            removed = self.new_valid[:, tokens_to_remove:].sum(-1)
+            self.next_position = self.next_position - removed.to(self.next_position.device)
+            self.new_positions = self.new_positions[:, :tokens_to_remove]
+            self.new_valid = self.new_valid[:, :tokens_to_remove]
+            self.new_branches = self.new_branches[:, :tokens_to_remove]
+            self.new_segments = self.new_segments[:, :tokens_to_remove]
 
     def new_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the tokens fed after the prefix: `[batch, kv_heads, new, head_dim]` each."""
@@ -429,12 +567,18 @@ class Segment:
         rope_positions: `[batch, seq]` or `[3, batch, seq]` (M-RoPE) absolute positions.
         text_positions: `[batch, seq]`.
         valid: `[batch, seq]` bool, False at padding.
+        branches: `[batch, seq]` long or None: 0 for the trunk, `b > 0` for the tokens of continuation `b`, which see
+            the trunk and their own branch only (`EmlocCache`).
+        segments: `[batch, seq]` long or None: which of the sequences packed into a row a token belongs to; it sees
+            the new tokens of its own segment only.
     """
 
     hidden: torch.Tensor
     rope_positions: torch.Tensor
     text_positions: torch.Tensor
     valid: torch.Tensor
+    branches: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     @property
     def next_position(self) -> torch.Tensor:
@@ -453,7 +597,9 @@ def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: i
     entered each layer run (the restart points of layer-wise pruning).
     """
     stop = family.num_layers if stop is None else stop
-    cache.add_tokens(segment.text_positions, segment.valid)
+    cache.add_tokens(segment.text_positions, segment.valid, segment.branches, segment.segments)
+    if segment.branches is None and segment.segments is None:  # scoring layouts do not move a row on
+        cache.advance(segment.next_position, segment.valid)
     position_embeddings = family.position_embeddings(segment.hidden, segment.rope_positions)
     hidden, entering = segment.hidden, []
     num_new = hidden.shape[1]
@@ -894,50 +1040,142 @@ class EmlocMethod(CompressionMethod):
         return best
 
 
+def _source_sha256() -> str:
+    """SHA-256 of the Emloc modules' source (this file and its siblings, also when loaded as remote code)."""
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).resolve().parent.glob("*_emloc.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
+@register_method
+@dataclass
+class EmlocQueryMethod(EmlocMethod):
+    """The default of `build_memory`: the paper's layer-wise rule, probed the way a query uses the memory.
+
+    Two repairs of the paper's rule at small scale, chosen on a selection split and reported on others (README, "Why
+    this default"): the probe rows are demonstrations that no part of the memory has seen yet (`probe="future"`: a
+    chunk is judged on how it answers new rows, not on recalling its own copy), and the divergence is taken over the
+    choices at the position that decides the answer (`over="choices"`: deterministic continuation tokens no longer
+    dilute it). Every option of `EmlocMethod` can still be overridden.
+    """
+
+    name: ClassVar[str] = "emloc-query"
+    probe: str = "future"
+    over: str = "choices"
+
+    def params(self) -> dict:
+        """Every option, so that a memory says exactly which rule made it."""
+        return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
+                "protect": self.protect, "positions": self.positions, "over": self.over,
+                "layer_group": self.layer_group, "search": self.search, "budget": self.budget}
+
+
 class MemoryBuilder:
     """Builds a task memory chunk by chunk (paper §3.1): prefill a chunk on top of the memory, let the method choose
-    what each layer keeps, append it."""
+    what each layer keeps, append it.
+
+    What a build holds grows with what it keeps: the memory grows in place (`TaskMemory.extend`), demonstrations are
+    read as their chunk needs them (`StreamedContext`: images decoded per chunk) and a chunk's working state (its KV,
+    the probe) is let go before the next chunk. With `checkpoint_dir` each completed chunk is recorded on disk
+    (`BuildCheckpoint`), and a rerun with the same arguments continues after the last recorded chunk, to the same bytes.
+
+    `progress` is True for a progress bar, or a callable `progress(chunks_done, chunks_total)` called after each chunk
+    (once it is recorded in `checkpoint_dir`).
+    """
 
     def __init__(self, model: "EmlocForConditionalGeneration", processor: EmlocProcessor, method: CompressionMethod,
-                 chunk_size: int, pool_width: int, progress: bool = False, validate: int = 0):
+                 chunk_size: int, pool_width: int, progress: bool | Callable[[int, int], None] = False, validate: int = 0,
+                 checkpoint_dir: str | os.PathLike | None = None):
         self.model, self.processor, self.method = model, processor, method
         self.family = model.family
         self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
+        self.checkpoint_dir = checkpoint_dir
         self.context = None
 
     @torch.no_grad()
     def build(self, demos, append_to: TaskMemory | None = None) -> TaskMemory:
         started = time.perf_counter()
-        self.context = self.processor.encode_context(demos)
-        memory = append_to.to() if append_to is not None else self.model._empty_memory()
-        chunks = [list(range(i, min(i + self.chunk_size, len(self.context.demos)))) for i in range(0, len(self.context.demos), self.chunk_size)]
-        chunk_stats, full_types = [], torch.zeros(0, dtype=torch.long)
-        iterator = chunks
-        if self.progress:
+        # probes read demonstrations of other chunks (`heldout`, `future`: often the next chunk's): keep a few encoded
+        self.context = self.processor.stream_context(demos, cache_size=2 * self.chunk_size)
+        num_demos = len(self.context)
+        chunks = [list(range(i, min(i + self.chunk_size, num_demos))) for i in range(0, num_demos, self.chunk_size)]
+        # a memory of its own over `append_to`'s tensors: growing it never writes into the memory the user gave
+        memory = TaskMemory(list(append_to.layers), append_to.next_position) if append_to is not None else self.model._empty_memory()
+        chunk_stats, full_types, spent_before = [], [], 0.0
+        checkpoint = None
+        if self.checkpoint_dir is not None:
+            checkpoint = BuildCheckpoint(self.checkpoint_dir, self._arguments(append_to))
+            for number in range(checkpoint.resume()):
+                layers, types = checkpoint.load_chunk(number)
+                memory.extend(layers, checkpoint.chunks[number]["next_position"])
+                full_types.append(types)
+                chunk_stats.append(checkpoint.chunks[number]["stats"])
+            spent_before = checkpoint.seconds
+        bar = None
+        if self.progress and not callable(self.progress):
             from tqdm.auto import tqdm
 
-            iterator = tqdm(chunks, desc=f"building {self.method.name} memory", unit="chunk")
-        for number, demo_indices in enumerate(iterator):
-            spans = [self.context.demos[i] for i in demo_indices]
-            if number == 0 and append_to is None:
-                spans = [self.context.prefix, *spans]  # the template prefix belongs to the first chunk
-            chunk_span = EncodedSpan.concat(spans)
-            chunk = self.model._prefill_chunk(memory, chunk_span)
-            kept, stats = self.method.compress(self, memory, chunk, demo_indices)
-            memory = TaskMemory(
-                [layer.append(chunk.kept(index, kept[index])) for index, layer in enumerate(memory.layers)],
-                next_position=chunk.next_position,
-            )
-            full_types = torch.cat([full_types, chunk.token_types.cpu()])
-            chunk_stats.append(stats)
+            bar = tqdm(total=len(chunks), initial=len(chunk_stats), desc=f"building {self.method.name} memory", unit="chunk")
+        try:
+            for number in range(len(chunk_stats), len(chunks)):
+                kept, types, stats, next_position = self._build_chunk(memory, chunks[number], first=number == 0 and append_to is None)
+                memory.extend(kept, next_position)
+                if checkpoint is not None:
+                    checkpoint.add_chunk(kept, types, next_position, stats, spent_before + time.perf_counter() - started)
+                del kept
+                full_types.append(types)
+                chunk_stats.append(stats)
+                if bar is not None:
+                    bar.update()
+                elif callable(self.progress):
+                    self.progress(number + 1, len(chunks))
+        finally:
+            if bar is not None:
+                bar.close()
+        memory.compact()
         previous = append_to.stats if append_to is not None else None
         memory.stats = self.model._memory_stats(
-            memory, self.method, len(self.context.demos), full_types, chunk_stats,
-            time.perf_counter() - started, self.chunk_size, previous,
+            memory, self.method, num_demos, torch.cat(full_types), chunk_stats,
+            spent_before + time.perf_counter() - started, self.chunk_size, previous,
         )
         if self.validate and append_to is None:
             memory.stats["validation"] = self._validate(memory)
         return memory
+
+    def _build_chunk(self, memory: TaskMemory, demo_indices: list[int], first: bool) -> tuple[list[MemoryLayer], torch.Tensor, dict, int]:
+        """Prefills the demonstrations `demo_indices` on top of `memory` and lets the method prune them.
+
+        Returns per layer the kept tokens, the chunk's token types before pruning `[chunk_len]`, the method's statistics
+        and the memory's `next_position` after the chunk. The rest of the chunk's state goes when this returns.
+        """
+        spans = [self.context.demos[i] for i in demo_indices]
+        if first:
+            spans = [self.context.prefix, *spans]  # the template prefix belongs to the first chunk
+        chunk = self.model._prefill_chunk(memory, EncodedSpan.concat(spans))
+        # the chunk's keys and values are views of the prefill's cache, which holds a copy of the whole memory too
+        chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+        kept, stats = self.method.compress(self, memory, chunk, demo_indices)
+        layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
+        return layers, chunk.token_types.cpu(), stats, chunk.next_position
+
+    def _arguments(self, append_to: TaskMemory | None) -> dict:
+        """Everything that decides the memory's bytes: a checkpoint recorded under other arguments is not resumed."""
+        import transformers
+
+        method = {field.name: getattr(self.method, field.name) for field in dataclasses.fields(self.method)}
+        base = self.model.model
+        return {
+            "demonstrations": {"count": len(self.context), "sha256": self.context.sha256()},
+            "method": {"name": self.method.name, "params": method},
+            "chunk_size": self.chunk_size,
+            "pool_width": self.pool_width,
+            "base_model": {"fingerprint": self.model.fingerprint(), "dtype": str(base.dtype), "device": base.device.type},
+            "rendering": self.processor.rendering(),
+            "append_to": append_to.digest() if append_to is not None else None,
+            # another version of the code or of the libraries may decide or compute differently
+            "software": {"emloc_sha256": _source_sha256(), "torch": torch.__version__, "transformers": transformers.__version__},
+        }
 
     def _validate(self, memory: TaskMemory) -> dict:
         """Global check: mean JS, on `validate` demonstrations spread over the context (one per row, after the
@@ -972,7 +1210,7 @@ class EmlocPreTrainedModel(PreTrainedModel):
             base._init_weights(module)
 
 
-class EmlocForConditionalGeneration(EmlocPreTrainedModel):
+class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
     r"""
     A base causal LM or vision-language model with EMLoC task memories.
 
@@ -988,7 +1226,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     >>> processor = EmlocProcessor.from_base("HuggingFaceTB/SmolLM2-135M-Instruct", template="plain")
     >>> memory = model.build_memory("demos.jsonl", processor=processor)
     >>> inputs = processor([{"question": "..."}], return_tensors="pt")
-    >>> processor.batch_decode(model.generate(**inputs, memory=memory, max_new_tokens=8))
+    >>> out = model.generate(**inputs, memory=memory, max_new_tokens=8)  # the query, then the answer
+    >>> processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     ```
     """
 
@@ -1001,7 +1240,11 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         self._memories: dict[str, TaskMemory] = {}
         self._active_memory: str | None = None
         self._family = None
+        self._from_base = False  # `from_base` wrapped a base model (else: loaded from an Emloc repo)
         self.post_init()
+        # generation follows the base model's defaults (eos, pad, sampling); a saved generation_config.json overrides
+        if getattr(base_model, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base_model.generation_config)
 
     # -- construction ---------------------------------------------------------------------------------------------------
 
@@ -1022,6 +1265,9 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         with torch.device("meta"):
             model = cls(config, base_model=torch.nn.Identity())
         model.model = base
+        model._from_base = True
+        if getattr(base, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(base.generation_config)
         config._attn_implementation = base_attention
         model.eval()
         return model
@@ -1052,18 +1298,69 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, memory: TaskMemory | str | None = None,
-                select: float | None = None, **kwargs):
-        """Logits `[batch, seq, vocab]` of `input_ids` answered from `memory` (the active memory if None is given and
-        one is set; the base model alone if there is none — then pass `processor(..., add_template_prefix=True)`
-        inputs for zero-shot answers in the full context's format). Media tensors (`pixel_values`, ...) pass through."""
-        memory = self._resolve_memory(memory)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask if attention_mask is not None else torch.ones_like(input_ids), **kwargs}
-        inputs.pop("token_types", None)
-        logits, _, _ = self._query_pass(memory, inputs, select=select)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: EmlocCache | None = None,
+        memory: TaskMemory | str | None = None,
+        select: float | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Runs `input_ids` against a memory; what `generate` calls at every step.
 
-        return CausalLMOutputWithPast(logits=logits)
+        Args:
+            input_ids: `[batch, seq]` queries as the processor returns them (left-padded), or the tokens fed since
+                `past_key_values`.
+            attention_mask: `[batch, seq]`, or `[batch, past + seq]` as `generate` extends it (its last `seq` columns
+                are read).
+            past_key_values: the `EmlocCache` returned by an earlier call: the tokens continue from it (the memory and
+                the query are in it). None starts from `memory`.
+            memory: a `TaskMemory`, the name of a loaded one, or None for the active memory; the base model alone if
+                there is none (then pass `processor(..., add_template_prefix=True)` inputs for zero-shot answers in the
+                full context's format).
+            select: per-query selection over the memory (see `generate`); fixed by the first pass, kept by the cache.
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: the query's images
+                and videos (vision-language bases); `mm_token_type_ids` and `token_types` are accepted and unused
+                (the positions come from the model's own rope index).
+            logits_to_keep: if > 0, logits of the last `logits_to_keep` positions only.
+        Returns:
+            `CausalLMOutputWithPast` with `logits` `[batch, seq | logits_to_keep, vocab]` and, unless
+            `use_cache=False`, `past_key_values` (the `EmlocCache`).
+        """
+        if input_ids is None:
+            raise ValueError("EmlocForConditionalGeneration.forward needs input_ids (inputs_embeds are not supported)")
+        mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else torch.ones_like(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        # images belong to the pass that feeds their placeholder tokens; `generate` keeps the grids after the prefill
+        if pixel_values is not None:
+            inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        if pixel_values_videos is not None:
+            inputs.update(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                          second_per_grid_ts=second_per_grid_ts)
+        if past_key_values is not None and not isinstance(past_key_values, EmlocCache):
+            if past_key_values.get_seq_length() > 0:
+                raise TypeError(f"past_key_values must be an EmlocCache returned by this model, got "
+                                f"{type(past_key_values).__name__} holding tokens")
+            past_key_values = None  # an empty cache made by a caller: start from the memory
+        if past_key_values is None:
+            logits, cache, _ = self._query_pass(self._resolve_memory(memory), inputs, select=select,
+                                                logits_to_keep=logits_to_keep)
+        else:
+            cache = past_key_values
+            segment = self._segment(inputs, start_position=cache.next_position)
+            hidden, _ = run_layers(self.family, segment, cache)
+            logits = self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache is not False else None)
 
     # -- running with a memory ------------------------------------------------------------------------------------------
 
@@ -1096,21 +1393,33 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
             next_position=int(segment.next_position[0]),
         )
 
-    def _query_pass(self, memory: TaskMemory | None, inputs: dict, select: float | None = None) -> tuple[torch.Tensor, EmlocCache, Segment]:
-        """Prefills a batch of queries against one shared memory; returns logits `[batch, seq, vocab]`, the cache and
-        the segment (for decoding on). `select` turns on per-query selection over the memory (`MemorySelector`)."""
+    def _query_pass(self, memory: TaskMemory | None, inputs: dict, select: float | None = None,
+                    logits_to_keep: int = 0) -> tuple[torch.Tensor, EmlocCache, Segment]:
+        """Prefills a batch of queries against one shared memory; returns logits `[batch, seq | logits_to_keep,
+        vocab]`, the cache and the segment (for decoding on). `select` turns on per-query selection over the memory
+        (`MemorySelector`)."""
+        memory, cache = self._memory_cache(memory, inputs["input_ids"].shape[0])
+        segment = self._segment(inputs, start_position=memory.next_position)
+        hidden, _ = run_layers(self.family, segment, cache, selector=self._selector(select, cache, segment.valid))
+        return self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache, segment
+
+    def _memory_cache(self, memory: TaskMemory | None, batch_size: int) -> tuple[TaskMemory, EmlocCache]:
+        """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it."""
         memory = memory if memory is not None else self._empty_memory()
         self._check_memory_fits(memory)
         memory = memory.to(device=self.model.device, dtype=self.model.dtype)
-        segment = self._segment(inputs, start_position=memory.next_position)
-        cache = EmlocCache(memory_prefix(memory, family=self.family), batch_size=segment.hidden.shape[0])
+        cache = EmlocCache(memory_prefix(memory, family=self.family), batch_size=batch_size,
+                           start_position=memory.next_position)
+        return memory, cache
+
+    def _selector(self, select: float | None, cache: EmlocCache, valid: torch.Tensor) -> MemorySelector | None:
+        """`MemorySelector` for `select=` (None or 1.0: the whole memory); `valid` `[batch, seq]` marks the positions
+        whose attention chooses."""
         if select is not None and not 0 < select:
             raise ValueError(f"select must be a fraction in (0, 1] or a token count, got {select}")
-        selector = None
-        if select is not None and select != 1.0:
-            selector = MemorySelector(float(select), cache, segment.valid, self.config.pool_width)
-        hidden, _ = run_layers(self.family, segment, cache, selector=selector)
-        return self.family.logits(hidden), cache, segment
+        if select is None or select == 1.0:
+            return None
+        return MemorySelector(float(select), cache, valid, self.config.pool_width)
 
     def _prefix_memory(self, processor: EmlocProcessor) -> TaskMemory:
         """The template prefix alone as a memory (zero-shot answering)."""
@@ -1144,161 +1453,244 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     # -- generation -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, memory: TaskMemory | str | None = None,
-                 max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, select: float | None = None, **media) -> torch.Tensor:
-        """Generates continuations of a batch of queries sharing one memory.
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, memory: TaskMemory | str | None = None,
+                 select: float | None = None, processor: EmlocProcessor | None = None, **kwargs):
+        """transformers' `GenerationMixin.generate`, answering from a task memory.
+
+        Every `GenerationConfig` field and `generate` argument works as for any causal LM (`max_new_tokens`,
+        `do_sample`, `top_p`, `num_beams`, `num_return_sequences`, `streamer`, `logits_processor`,
+        `stopping_criteria`, `return_dict_in_generate`, `output_scores`, ...). The memory rides in the model's cache
+        (`EmlocCache`): the first pass puts the queries after it, with positions continuing from its `next_position`,
+        and transformers' loop decodes, reorders beams and stops as usual.
 
         Args:
-            input_ids / attention_mask: `[batch, seq]` queries as the processor returns them (left-padded).
-            memory: a `TaskMemory`, the name of a loaded one, or None for the active memory (zero-shot if none).
+            input_ids / attention_mask (keywords): `[batch, seq]` queries as the processor returns them (left-padded,
+                rendered as they follow the demonstrations), plus their images (`pixel_values`, `image_grid_thw`) for
+                vision-language bases.
+            memory: a `TaskMemory`, the name of a loaded one, or None for the active memory (`set_memory`); with no
+                memory at all, the base model's plain zero-shot generation on `input_ids`.
             select: per-query selection over the memory: keep, per layer and KV head, the fraction (or, if > 1, the
                 number) of memory tokens each query attends to most, and answer with that subset (`MemorySelector`).
                 The stored memory is unchanged; `select=1.0` (or None) uses all of it.
+            processor: the `EmlocProcessor` that rendered the queries. Given it, a memory whose demonstrations were
+                rendered otherwise is refused (`MemoryLoadError` naming the difference), and a row that starts with
+                the template prefix (a system turn, BOS: what a chat template or a tokenizer puts in front of a whole
+                conversation) has it masked out, since the memory already holds it — so prompts rendered by
+                `tokenizer.apply_chat_template` or a pipeline answer exactly as the processor's queries do.
         Returns:
-            `[batch, new_tokens]`: only the generated tokens, `pad_token_id` after a row's end of sequence.
+            What transformers returns for the same call: token ids `[batch * num_return_sequences, seq + new]`, the
+            prompt (`input_ids`, padding included) followed by the generated tokens — the memory is not part of
+            them; new tokens only: `out[:, inputs["input_ids"].shape[1]:]` — or a `GenerateDecoderOnlyOutput` /
+            `GenerateBeamDecoderOnlyOutput` with `return_dict_in_generate=True`.
         """
-        media.pop("token_types", None)
         memory = self._resolve_memory(memory)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        generation_config = getattr(self.model, "generation_config", None)
-        if eos_token_id is None and generation_config is not None:
-            eos_token_id = generation_config.eos_token_id
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=self.model.device)
-        if pad_token_id is None:
-            pad_token_id = getattr(generation_config, "pad_token_id", None)
-            pad_token_id = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-        logits, cache, segment = self._query_pass(memory, {"input_ids": input_ids, "attention_mask": attention_mask, **media}, select=select)
-        next_position = segment.next_position
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.model.device)
-        generated = []
-        next_logits = logits[:, -1]
-        for _ in range(max_new_tokens):
-            token = self._pick(next_logits, do_sample, temperature, top_k, top_p, generator)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            generated.append(token)
-            done |= torch.isin(token, eos)
-            if bool(done.all()):
-                break
-            step = Segment(
-                hidden=self.family.decoder.embed_tokens(token[:, None]),
-                rope_positions=next_position[:, None] if not isinstance(self.family, QwenVLFamily) else next_position[None, :, None].expand(3, -1, -1),
-                text_positions=next_position[:, None], valid=torch.ones_like(token[:, None], dtype=torch.bool),
-            )
-            hidden, _ = run_layers(self.family, step, cache)
-            next_logits = self.family.logits(hidden)[:, -1]
-            next_position = next_position + 1
-        return torch.stack(generated, dim=1) if generated else input_ids.new_zeros(input_ids.shape[0], 0)
+        kwargs.pop("token_types", None)  # the processor's span types: the memory builder's, not the model's
+        if processor is not None and memory is not None:
+            check_rendering(memory.stats, processor.rendering())
+            input_ids = kwargs.get("input_ids", inputs)
+            if input_ids is not None:
+                kwargs["attention_mask"] = _mask_template_prefix(input_ids, kwargs.get("attention_mask"), processor)
+        return super().generate(inputs, generation_config, memory=memory, select=select, **kwargs)
 
-    @staticmethod
-    def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / max(temperature, 1e-5)
-        if top_k:
-            threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    def adjust_generation_fn(self, *args, **kwargs):
+        """Loads the repo's `generation_config.json` as any model does. Without one (an Emloc repo saved before it was
+        written), transformers would derive a config from ours, which holds no special tokens; the base model's
+        defaults (eos, pad, bos) apply instead."""
+        super().adjust_generation_fn(*args, **kwargs)
+        base = getattr(self.model, "generation_config", None)
+        if base is not None and self.generation_config.eos_token_id is None \
+                and getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = copy.deepcopy(base)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """No cache before the first pass: that pass builds the `EmlocCache` from the memory, for the rows `generate`
+        has expanded (beams, `num_return_sequences`). A cache given by the caller must be one this model returned."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, EmlocCache):
+            raise TypeError(f"past_key_values must be an EmlocCache returned by this model, got {type(cache).__name__}")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported: an Emloc model "
+                f"keeps its memory in its own cache (EmlocCache); leave cache_implementation unset"
+            )
+        if cache is not None:
+            cache._is_user_defined = True
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Repeats every row `expand_size` times (beams, `num_return_sequences`). Images and videos are not per row
+        (`pixel_values` is `[patches, dim]`, `image_grid_thw` `[images, 3]`), so each row's own are repeated with it."""
+        media = {key: model_kwargs.pop(key) for key in _MEDIA_KEYS if model_kwargs.get(key) is not None}
+        if media and expand_size > 1 and input_ids is not None:
+            media = self.family.repeat_media(input_ids, media, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        model_kwargs.update(media)
+        return input_ids, model_kwargs
+
+    # -- scoring --------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def score_choices(self, queries, memory: TaskMemory | str | None = None, processor: EmlocProcessor | None = None,
-                      history=None, select: float | None = None) -> list[list[float]]:
+                      history=None, select: float | None = None, batch_size: int = 8) -> list[list[float]]:
         """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply.
 
-        `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt; each query is
-        prefilled once against the memory and its choices run as one batch on top. A memory whose demonstrations were
-        rendered otherwise than `processor` renders the queries is refused (`MemoryLoadError`).
+        `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt. Queries go in
+        batches of `batch_size` (left-padded); each batch is one pass against the memory, every multi-token choice
+        riding behind its query as a branch that sees the query and itself only — the same numbers as one query at a
+        time. A memory whose demonstrations were rendered otherwise than `processor` renders the queries is refused
+        (`MemoryLoadError`).
         """
         if processor is None:
             raise ValueError("score_choices needs the processor")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         memory = self._resolve_memory(memory)
-        if memory is None:  # zero-shot: the query follows the template prefix, as it would in a full context
-            memory = self._prefix_memory(processor)
-        else:
+        if memory is not None:
             check_rendering(memory.stats, processor.rendering())
         examples = load_examples(queries, require_answer=False)
-        history_examples = load_examples(history) if history is not None else None
-        results = []
         for query in examples:
             if not query.choices:
                 raise ValueError(f"{query.where}: score_choices needs 'choices' on every query")
-            batch = processor.collate([processor.encode_query(query, history_examples)])
-            batch.pop("token_types")
-            logits, cache, segment = self._query_pass(memory, batch, select=select)
-            first = torch.log_softmax(logits[0, -1].float(), dim=-1)
-            choices = [processor.encode_choice(c).to(self.model.device) for c in query.choices]
-            scores = [float(first[c[0]]) if len(c) else 0.0 for c in choices]
-            longer = [i for i, c in enumerate(choices) if len(c) > 1]
-            if longer:
-                scores = self._score_continuations(cache, segment, choices, longer, first, scores)
+        history_examples = load_examples(history) if history is not None else None
+        if memory is None:  # zero-shot: the query follows the template prefix, as it would in a full context
+            memory = self._prefix_memory(processor)
+        results = []
+        for begin in range(0, len(examples), batch_size):
+            part = examples[begin:begin + batch_size]
+            batch = processor.collate([processor.encode_query(query, history_examples) for query in part])
+            choices = [[processor.encode_choice(choice) for choice in query.choices] for query in part]
+            results += self._score_continuations(memory, batch, choices, select)
+        return results
+
+    def _score_continuations(self, memory: TaskMemory, batch: dict, choices: list[list[torch.Tensor]],
+                             select: float | None) -> list[list[float]]:
+        """One pass for a batch of queries (`batch`, left-padded) and all their choices.
+
+        Each query is followed by every choice of more than one token without its last token, each as a branch
+        `b = 1, 2, …` at the positions right after the query that sees the query and itself only: the query's last
+        token predicts every choice's first token, the branch tokens the rest. The queries are packed into one row, each
+        attending to its own tokens only (`segments`), so the memory is copied and read once per batch rather than
+        once per query. With `select`, each query chooses its own view of the memory from its own tokens' attention
+        (`MemorySelector` works per row): one row per query, padded at the end.
+        """
+        batch = {key: value for key, value in batch.items() if key != "token_types"}
+        device = self.model.device
+        query = self._segment(batch, start_position=memory.next_position)
+        three_d = query.rope_positions.dim() == 3
+        pieces = []  # per query: hidden [n, hidden], rope [n] | [3, n], text [n], branches [n], query length
+        for row, row_choices in enumerate(choices):
+            mine = query.valid[row]
+            tails = [choice[:-1].to(device) for choice in row_choices if len(choice) > 1]
+            tokens = torch.cat(tails) if tails else torch.zeros(0, dtype=torch.long, device=device)
+            branches = torch.cat([torch.full((len(t),), b, device=device) for b, t in enumerate(tails, 1)]) \
+                if tails else tokens.clone()
+            offsets = torch.cat([torch.arange(len(t), device=device) for t in tails]) if tails else tokens.clone()
+            positions = query.next_position[row] + offsets
+            length = int(mine.sum())
+            pieces.append((
+                torch.cat([query.hidden[row, mine], self.family.decoder.embed_tokens(tokens).to(query.hidden)]),
+                torch.cat([query.rope_positions[..., row, mine], positions.expand(3, -1) if three_d else positions], dim=-1),
+                torch.cat([query.text_positions[row, mine], positions]),
+                torch.cat([torch.zeros(length, dtype=torch.long, device=device), branches]),
+                length,
+            ))
+        if select is None:  # packed: one row
+            starts = [0]
+            for piece in pieces:
+                starts.append(starts[-1] + piece[0].shape[0])
+            segment = Segment(
+                hidden=torch.cat([p[0] for p in pieces])[None],
+                rope_positions=torch.cat([p[1] for p in pieces], dim=-1)[..., None, :],
+                text_positions=torch.cat([p[2] for p in pieces])[None],
+                valid=torch.ones(1, starts[-1], dtype=torch.bool, device=device),
+                branches=torch.cat([p[3] for p in pieces])[None],
+                segments=torch.cat([torch.full((p[0].shape[0],), i, device=device) for i, p in enumerate(pieces)])[None],
+            )
+            rows = [(0, start) for start in starts[:-1]]
+            chooser = None
+        else:  # a row per query, padded at the end
+            width = max(p[0].shape[0] for p in pieces)
+            pad = [width - p[0].shape[0] for p in pieces]
+            segment = Segment(
+                hidden=torch.stack([F.pad(p[0], (0, 0, 0, n)) for p, n in zip(pieces, pad)]),
+                rope_positions=torch.stack([F.pad(p[1], (0, n)) for p, n in zip(pieces, pad)], dim=-2),
+                text_positions=torch.stack([F.pad(p[2], (0, n)) for p, n in zip(pieces, pad)]),
+                valid=torch.arange(width, device=device)[None] < torch.tensor([p[0].shape[0] for p in pieces], device=device)[:, None],
+                branches=torch.stack([F.pad(p[3], (0, n)) for p, n in zip(pieces, pad)]),
+            )
+            rows = [(row, 0) for row in range(len(pieces))]
+            chooser = torch.arange(width, device=device)[None] < torch.tensor([p[4] for p in pieces], device=device)[:, None]
+        memory, cache = self._memory_cache(memory, segment.hidden.shape[0])
+        selector = self._selector(select, cache, chooser) if chooser is not None else None
+        hidden, _ = run_layers(self.family, segment, cache, selector=selector)
+        # read out, per query, its last token (predicting every first token) and its branch tokens
+        index = [(row, start + piece[4] - 1 + k) for (row, start), piece in zip(rows, pieces)
+                 for k in range(piece[0].shape[0] - piece[4] + 1)]
+        picked = hidden[torch.tensor([r for r, _ in index], device=hidden.device), torch.tensor([c for _, c in index], device=hidden.device)]
+        log_probs = torch.log_softmax(self.family.logits(picked).float(), dim=-1)
+        results, at_query = [], 0
+        for piece, row_choices in zip(pieces, choices):
+            own = log_probs[at_query:at_query + piece[0].shape[0] - piece[4] + 1]  # [1 + tail tokens, vocab]
+            at_query += own.shape[0]
+            scores, at = [], 0
+            for choice in row_choices:
+                if len(choice) == 0:
+                    scores.append(0.0)
+                    continue
+                score = own[0, choice[0]]
+                if len(choice) > 1:  # token k of the choice is predicted at tail column at + k - 1, row 1 + that of `own`
+                    steps = torch.arange(at + 1, at + len(choice), device=own.device)
+                    score = score + own[steps, choice[1:].to(own.device)].sum()
+                    at += len(choice) - 1
+                scores.append(float(score))
             results.append(scores)
         return results
 
-    def _score_continuations(self, cache: EmlocCache, segment: Segment, choices, longer, first, scores):
-        """Runs the multi-token choices as a batch on top of the query's cache (expanded per choice)."""
-        rows = [choices[i] for i in longer]
-        width = max(len(r) for r in rows) - 1
-        tokens = torch.zeros(len(rows), width, dtype=torch.long, device=self.model.device)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.model.device)
-        for row, choice in enumerate(rows):
-            tokens[row, : len(choice) - 1] = choice[:-1]
-            valid[row, : len(choice) - 1] = True
-        expanded = _expand_cache(cache, len(rows))
-        start = segment.next_position[:1].expand(len(rows))
-        positions = start[:, None] + torch.arange(width, device=tokens.device)[None]
-        step = Segment(
-            hidden=self.family.decoder.embed_tokens(tokens),
-            rope_positions=positions if not isinstance(self.family, QwenVLFamily) else positions[None].expand(3, -1, -1),
-            text_positions=positions, valid=valid,
-        )
-        hidden, _ = run_layers(self.family, step, expanded)
-        log_probs = torch.log_softmax(self.family.logits(hidden).float(), dim=-1)
-        scores = list(scores)
-        for row, index in enumerate(longer):
-            choice = rows[row]
-            continuation = log_probs[row, torch.arange(len(choice) - 1), choice[1:]].sum()
-            scores[index] = float(first[choice[0]] + continuation)
-        return scores
-
     # -- building memories ----------------------------------------------------------------------------------------------
 
-    def build_memory(self, demos, processor: EmlocProcessor, method: str = "emloc", chunk_size: int | None = None,
+    def build_memory(self, demos, processor: EmlocProcessor, method: str | None = None, chunk_size: int | None = None,
                      append_to: TaskMemory | None = None, progress: bool = False, validate: int = 0,
-                     **method_params) -> TaskMemory:
+                     checkpoint_dir: str | os.PathLike | None = None, **method_params) -> TaskMemory:
         """Compresses demonstrations into a task memory.
 
         Args:
             demos: a JSONL path or a list of demonstration dicts (design §6).
             processor: the model's `EmlocProcessor`.
-            method: a registered compression method: `"emloc"` (default) or `"full"` (keep everything).
+            method: a registered compression method (`COMPRESSION_METHODS`). Default: the config's `method`,
+                `"emloc-query"` — the paper's rule with the repairs the benchmark chose (README, "Why this default").
+                `"emloc"` is the paper's rule exactly (with the config's `delta`, `ratios`, `probe`), `"full"` keeps
+                everything, `"random"` is the baseline.
             chunk_size: demonstrations per chunk (default: the config's, 4).
             append_to: an existing memory to extend with new chunks instead of building from scratch.
-            progress: show a progress bar over chunks.
+            progress: show a progress bar over chunks, or a callable `progress(chunks_done, chunks_total)` called after
+                each chunk.
             validate: after the build, measure the mean JS between this memory and the uncompressed context on this
                 many demonstrations (one per row) and record it as `stats["validation"]` (costs one full prefill).
+            checkpoint_dir: record each completed chunk in this directory (crash-safe), so that a build stopped at any
+                moment continues there when rerun with the same arguments, to the same memory bytes. A directory
+                holding another build (other demonstrations, method, parameters, chunk size, base model, rendering or
+                code) is refused with the differences named (`CheckpointError`); delete it to start over. It is kept
+                after the build (a rerun returns the memory at once) until you delete it.
             **method_params: the method's parameters, e.g. `delta=0.005, ratios=(0.1, 0.2, 0.5), probe="self"`.
         """
+        method = method or self.config.method
         if method not in COMPRESSION_METHODS:
             raise ValueError(f"unknown method {method!r}; available: {sorted(COMPRESSION_METHODS)}")
         method_cls = COMPRESSION_METHODS[method]
-        defaults = {"delta": self.config.delta, "ratios": tuple(self.config.ratios), "probe": self.config.probe}
         accepted = {f.name for f in method_cls.__dataclass_fields__.values()}
         unknown = set(method_params) - accepted
         if unknown:
             raise TypeError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
+        # the config's delta / ratios / probe are the paper rule's settings; other methods bring their own defaults
+        defaults = {"delta": self.config.delta, "ratios": tuple(self.config.ratios), "probe": self.config.probe} \
+            if method == EmlocMethod.name else {}
         params = {**{k: v for k, v in defaults.items() if k in accepted}, **method_params}
         if append_to is not None:
             self._check_memory_fits(append_to)
             check_rendering(append_to.stats, processor.rendering())
         builder = MemoryBuilder(self, processor, method_cls(**params), chunk_size or self.config.chunk_size,
-                                self.config.pool_width, progress=progress, validate=validate)
+                                self.config.pool_width, progress=progress, validate=validate, checkpoint_dir=checkpoint_dir)
         memory = builder.build(demos, append_to=append_to)
         memory.stats["rendering"] = processor.rendering()  # queries must be rendered the same way (design §7)
         return memory
@@ -1325,8 +1717,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
         full_kv_bytes = full_tokens * bytes_per_token * family.num_layers
         kept_kv_bytes = memory.kv_bytes()
         return {
-            "base_model": {"name_or_path": self.config.name_or_path or getattr(self.model.config, "_name_or_path", ""),
-                           "fingerprint": self.fingerprint()},
+            "base_model": self._base_model_record(),
             "method": {"name": method.name, "params": {**method.params(), "chunk_size": chunk_size}},
             "num_demos": num_demos + ((previous or {}).get("num_demos", 0)),
             "totals": {
@@ -1340,6 +1731,14 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
             "build": {"seconds": round(seconds + ((previous or {}).get("build", {}).get("seconds", 0.0)), 3),
                       "chunks": ((previous or {}).get("build", {}).get("chunks", [])) + chunk_stats},
         }
+
+    def _base_model_record(self) -> dict:
+        """`memory_config.json`'s `base_model`: the fingerprint, and how a Hub user gets this model back —
+        `name_or_path` (a Hub id; None when the model was loaded from a local directory, whose path means nothing
+        elsewhere and is never written into a memory) and `emloc_repo` (True: an Emloc repo, loaded with
+        `AutoModel.from_pretrained(..., trust_remote_code=True)`; False: a base model, wrapped with `from_base`)."""
+        name = self.config.name_or_path or getattr(self.model.config, "_name_or_path", "")
+        return {"name_or_path": hub_name(name), "emloc_repo": not self._from_base, "fingerprint": self.fingerprint()}
 
     def fingerprint(self) -> str:
         """Hash of the base model's config and weights; memories record it and loading checks it. Recomputed at each
@@ -1406,39 +1805,38 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel):
     def push_memory_to_hub(self, repo_id: str, memory: TaskMemory | str | None = None, private: bool | None = None,
                            commit_message: str = "Upload task memory", revision: str | None = None, token: str | None = None,
                            create_pr: bool = False) -> str:
-        """Pushes a memory to a Hub repo like an adapter: `memory.safetensors`, `memory_config.json`, `README.md`."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
+        """Pushes a memory to a Hub repo like an adapter: `memory.safetensors`, `memory_config.json`, `README.md` (a card
+        with the code that loads it from `repo_id`); returns the commit URL. See `memory_emloc.push_memory_to_hub`."""
         memory = self._resolve_memory(memory)
         if memory is None:
             raise ValueError("no memory given and none is active")
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with tempfile.TemporaryDirectory() as staging:
-            folder = memory.save_pretrained(Path(staging) / "memory")
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr)
-        return str(info)
+        return push_memory_to_hub(memory, repo_id, private=private, commit_message=commit_message, revision=revision,
+                                  token=token, create_pr=create_pr)
 
 
-def _expand_cache(cache: EmlocCache, batch_size: int) -> EmlocCache:
-    """A copy of a batch-1 cache repeated `batch_size` times (its prefix and the tokens fed so far)."""
-    prefix = []
-    for layer, positions in enumerate(cache.prefix_positions):
-        keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]
-        start = cache.prefix_lengths[layer]
-        prefix.append((keys[:, :start], values[:, :start], positions) if positions is not None else None)
-    expanded = EmlocCache(prefix, batch_size)
-    for layer in range(len(prefix)):
-        new_k, new_v = cache.new_kv(layer)
-        expanded.layers[layer].update(new_k.expand(batch_size, -1, -1, -1), new_v.expand(batch_size, -1, -1, -1))
-    expanded.add_tokens(cache.new_positions.expand(batch_size, -1), cache.new_valid.expand(batch_size, -1))
-    expanded.prefix_keep = [keep.expand(batch_size, -1, -1) if keep is not None else None for keep in cache.prefix_keep]
-    return expanded
+# what `generate` must hand to the first pass only, and repeat per row rather than per tensor row
+_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def _mask_template_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          processor: EmlocProcessor) -> torch.Tensor:
+    """`attention_mask` `[batch, seq]` with the template prefix (`processor.encode_prefix()`) masked out of every row
+    whose first real token starts it: a memory already holds that prefix, so a prompt rendered as a whole
+    conversation (a chat template's system turn, a tokenizer's BOS) reads as the processor's query does."""
+    mask = attention_mask.clone() if attention_mask is not None else torch.ones_like(input_ids)
+    prefix = processor.encode_prefix().input_ids.to(input_ids.device)
+    length = prefix.shape[0]
+    if length == 0:
+        return mask
+    for row in range(input_ids.shape[0]):
+        real = mask[row].nonzero().flatten()
+        if len(real) < length:
+            continue
+        first = int(real[0])
+        window = slice(first, first + length)
+        if bool(mask[row, window].all()) and torch.equal(input_ids[row, window], prefix):
+            mask[row, window] = 0
+    return mask
 
 
 __all__ = [

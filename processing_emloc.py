@@ -14,17 +14,24 @@ assistant reply — never from hard-coded token ids or character counts. The who
 and every span is read off the tokenizer's character offsets, so the memory holds exactly the tokens the model would
 see in the whole conversation (Gemma 3 reads "\n\n" as one token, not two). A token that straddles two pieces
 belongs to the piece of its first character.
+
+Rendering and tokenising need only the demonstrations' text, so a builder streams: `stream_context` checks every
+demonstration and tokenises the whole text up front, and decodes a demonstration's images and video frames only when
+its span is read.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from transformers import AutoTokenizer, BatchFeature
@@ -72,17 +79,20 @@ class ExampleError(ValueError):
     """A demonstration or query the user gave is malformed; the message starts with `file:line:`."""
 
 
-def _open_image(path_or_image: Any, base_dir: Path, where: str):
+def _open_image(path_or_image: Any, base_dir: Path, where: str, decode: bool = True):
+    """A PIL image in RGB; with `decode=False`, only checked: the file's path (or the PIL image given)."""
     from PIL import Image
 
     if isinstance(path_or_image, Image.Image):
-        return path_or_image.convert("RGB")
+        return path_or_image.convert("RGB") if decode else path_or_image
     if not isinstance(path_or_image, (str, os.PathLike)):
         raise ExampleError(f"{where}: an image must be a file path or a PIL image, got {type(path_or_image).__name__}")
     path = Path(path_or_image)
     path = path if path.is_absolute() else base_dir / path
     if not path.is_file():
         raise ExampleError(f"{where}: image file not found: {path}")
+    if not decode:
+        return path
     try:
         with Image.open(path) as image:
             image.load()
@@ -91,20 +101,24 @@ def _open_image(path_or_image: Any, base_dir: Path, where: str):
         raise ExampleError(f"{where}: cannot decode image {path}: {error}") from None
 
 
-def _open_video(video: Any, base_dir: Path, where: str) -> list:
+def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> list | Path:
+    """The frames of a video (a list of frames, a directory of frame images or a video file) as PIL images; with
+    `decode=False`, only checked: the frames' paths (or PIL images), or the video file's path."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ExampleError(f"{where}: a video needs at least one frame")
-        return [_open_image(frame, base_dir, where) for frame in video]
+        return [_open_image(frame, base_dir, where, decode) for frame in video]
     path = Path(video)
     path = path if path.is_absolute() else base_dir / path
     if path.is_dir():
         frames = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
         if not frames:
             raise ExampleError(f"{where}: video directory has no frames: {path}")
-        return [_open_image(frame, base_dir, where) for frame in frames]
+        return [_open_image(frame, base_dir, where, decode) for frame in frames]
     if not path.is_file():
         raise ExampleError(f"{where}: video file not found: {path}")
+    if not decode:
+        return path
     try:
         from transformers.video_utils import load_video
 
@@ -116,7 +130,7 @@ def _open_video(video: Any, base_dir: Path, where: str) -> list:
     return [Image.fromarray(frame) for frame in frames]
 
 
-def _parse_content(raw: Any, base_dir: Path, where: str) -> list[dict]:
+def _parse_content(raw: Any, base_dir: Path, where: str, decode: bool = True) -> list[dict]:
     if isinstance(raw, str):
         return [{"type": "text", "text": raw}]
     if not isinstance(raw, list) or not raw:
@@ -132,19 +146,24 @@ def _parse_content(raw: Any, base_dir: Path, where: str) -> list[dict]:
             image = part.get("image", part.get("url", part.get("path")))
             if image is None:
                 raise ExampleError(f"{where}: an image part needs 'image'")
-            parts.append({"type": "image", "image": _open_image(image, base_dir, where)})
+            parts.append({"type": "image", "image": _open_image(image, base_dir, where, decode)})
         elif kind == "video":
             video = part.get("video", part.get("frames", part.get("path")))
             if video is None:
                 raise ExampleError(f"{where}: a video part needs 'video' (a file or a list of frames)")
-            parts.append({"type": "video", "video": _open_video(video, base_dir, where)})
+            parts.append({"type": "video", "video": _open_video(video, base_dir, where, decode)})
         else:
             raise ExampleError(f"{where}: unknown content type {kind!r} (expected 'text', 'image' or 'video')")
     return parts
 
 
-def parse_example(record: Any, base_dir: Path, where: str, require_answer: bool) -> Example:
-    """Parses one record in the messages format or the shorthand of design §6."""
+def parse_example(record: Any, base_dir: Path, where: str, require_answer: bool, decode: bool = True) -> Example:
+    """Parses one record in the messages format or the shorthand of design §6.
+
+    With `decode=False` images and videos are only checked (the file exists), not decoded: each image part holds the
+    file's path (or the PIL image given) and each video part its frames' paths or the video file's path, until
+    `decode_media` decodes them.
+    """
     if not isinstance(record, dict):
         raise ExampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -154,15 +173,16 @@ def parse_example(record: Any, base_dir: Path, where: str, require_answer: bool)
         user_turns = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         if len(user_turns) != 1 or len(messages) != 1:
             raise ExampleError(f"{where}: 'messages' must hold exactly one user message (the answer goes in 'answer')")
-        content = _parse_content(user_turns[0].get("content"), base_dir, where)
+        content = _parse_content(user_turns[0].get("content"), base_dir, where, decode)
     else:
         content = []
         if "image" in record:
-            content.append({"type": "image", "image": _open_image(record["image"], base_dir, where)})
+            content.append({"type": "image", "image": _open_image(record["image"], base_dir, where, decode)})
         for image in record.get("images", []):
-            content.append({"type": "image", "image": _open_image(image, base_dir, where)})
+            content.append({"type": "image", "image": _open_image(image, base_dir, where, decode)})
         if "video" in record or "frames" in record:
-            content.append({"type": "video", "video": _open_video(record.get("video", record.get("frames")), base_dir, where)})
+            video = record.get("video", record.get("frames"))
+            content.append({"type": "video", "video": _open_video(video, base_dir, where, decode)})
         question = record.get("question")
         if question is not None and not isinstance(question, str):
             raise ExampleError(f"{where}: 'question' must be a string")
@@ -181,10 +201,12 @@ def parse_example(record: Any, base_dir: Path, where: str, require_answer: bool)
     return Example(content=content, answer=answer, choices=choices, id=record.get("id"), where=where)
 
 
-def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_answer: bool = True) -> list[Example]:
+def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_answer: bool = True,
+                  decode: bool = True) -> list[Example]:
     """Reads demonstrations or queries from a JSONL file or a list of dicts; bad input raises `ExampleError`.
 
-    Every line is checked before anything is returned, so a bad line never yields a partial list.
+    Every line is checked before anything is returned, so a bad line never yields a partial list. With `decode=False`
+    images and videos are checked but left undecoded (`parse_example`; `decode_media` decodes an example).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -200,7 +222,7 @@ def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ExampleError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-                examples.append(parse_example(record, path.parent, where, require_answer))
+                examples.append(parse_example(record, path.parent, where, require_answer, decode))
         if not examples:
             raise ExampleError(f"{path}: no examples in file")
         return examples
@@ -211,10 +233,51 @@ def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_
                 raise ExampleError(f"{record.where}: a demonstration needs an 'answer'")
             examples.append(record)
         else:
-            examples.append(parse_example(record, Path.cwd(), f"<list>[{index}]", require_answer))
+            examples.append(parse_example(record, Path.cwd(), f"<list>[{index}]", require_answer, decode))
     if not examples:
         raise ExampleError("<list>: no examples given")
     return examples
+
+
+def decode_media(example: Example) -> Example:
+    """An example read with `decode=False`, its images and video frames decoded (as `decode=True` reads them)."""
+    if not example.has_media:
+        return example
+    content = []
+    for part in example.content:
+        if part["type"] == "image":
+            part = {"type": "image", "image": _open_image(part["image"], Path(), example.where)}
+        elif part["type"] == "video":
+            part = {"type": "video", "video": _open_video(part["video"], Path(), example.where)}
+        content.append(part)
+    return dataclasses.replace(example, content=content)
+
+
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """SHA-256 of examples as they enter a memory: texts, answers, choices, ids and the bytes of every image and video
+    (the files' contents, not their paths), in order. Works on examples read with `decode=False` without decoding."""
+    from PIL import Image
+
+    def media(item) -> Any:
+        if isinstance(item, (list, tuple)):
+            return [media(frame) for frame in item]
+        digest = hashlib.sha256()
+        if isinstance(item, Image.Image):
+            digest.update(f"{item.mode}:{item.size}".encode())
+            digest.update(item.tobytes())
+        else:
+            with open(item, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    digest = hashlib.sha256()
+    for example in examples:
+        content = [part if part["type"] == "text" else {"type": part["type"], "sha256": media(part[part["type"]])}
+                   for part in example.content]
+        record = {"content": content, "answer": example.answer, "choices": example.choices, "id": example.id}
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,6 +333,61 @@ class EncodedContext:
     prefix: EncodedSpan
     demos: list[EncodedSpan]
     examples: list[Example]
+
+
+class StreamedContext:
+    """A demonstration context whose demonstrations are encoded when they are read (`EmlocProcessor.stream_context`).
+
+    It reads like `EncodedContext` — `prefix`, `demos[i]`, `examples[i]`, `len(context)` — and gives the same spans
+    token for token, since the whole rendered text was tokenised once; but it holds only each demonstration's token ids
+    before its images are expanded (a few bytes a token) and its text. A demonstration's images and video frames are
+    decoded, and their visual tokens expanded, when `demos[i]` or `examples[i]` is read; the `cache_size` most recently
+    read demonstrations are kept. The number of demonstrations is then bounded by disk, not by memory.
+    """
+
+    def __init__(self, processor: "EmlocProcessor", examples: list[Example], prefix: EncodedSpan,
+                 tokens: list[tuple[torch.Tensor, torch.Tensor]], cache_size: int = 8):
+        self.processor, self.prefix, self.cache_size = processor, prefix, cache_size
+        self._unread, self._tokens = examples, tokens  # examples as `load_examples(..., decode=False)` reads them
+        self._cache: OrderedDict[int, tuple[Example, EncodedSpan]] = OrderedDict()
+        self.demos = _LazySequence(len(examples), lambda index: self._read(index)[1])
+        self.examples = _LazySequence(len(examples), lambda index: self._read(index)[0])
+
+    def __len__(self) -> int:
+        return len(self._unread)
+
+    def _read(self, index: int) -> tuple[Example, EncodedSpan]:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        example = decode_media(self._unread[index])
+        ids, types = self._tokens[index]
+        entry = example, self.processor._encode_tokens(ids.tolist(), types.tolist(), example)
+        self._cache[index] = entry
+        while len(self._cache) > max(1, self.cache_size):
+            self._cache.popitem(last=False)
+        return entry
+
+    def sha256(self) -> str:
+        """`examples_sha256` of the demonstrations (reads image and video files, decodes none)."""
+        return examples_sha256(self._unread)
+
+
+class _LazySequence(Sequence):
+    """A read-only sequence of `length` items made by `get(index)` when read."""
+
+    def __init__(self, length: int, get):
+        self._length, self._get = length, get
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._length))]
+        if not -self._length <= index < self._length:
+            raise IndexError(f"index {index} out of range for {self._length} demonstrations")
+        return self._get(index % self._length)
 
 
 def _empty_span() -> EncodedSpan:
@@ -658,22 +776,39 @@ class EmlocProcessor(ProcessorMixin):
     def _spans(self, tokens: list[_Token], examples: dict[int, Example]) -> dict[int, EncodedSpan]:
         """Groups tokens by owner into spans; expands every image/video placeholder into its visual tokens with the
         owner's next image or video (the base processor on that placeholder alone)."""
-        grouped: dict[int, list[_Token]] = {}
-        for token in tokens:
-            grouped.setdefault(token.owner, []).append(token)
-        return {owner: self._encode_tokens(owner_tokens, examples.get(owner)) for owner, owner_tokens in grouped.items()}
+        return {owner: self._encode_tokens(ids, types, examples.get(owner)) for owner, (ids, types) in self._group(tokens).items()}
 
-    def _encode_tokens(self, tokens: list[_Token], example: Example | None) -> EncodedSpan:
+    @staticmethod
+    def _group(tokens: list[_Token]) -> dict[int, tuple[list[int], list[int]]]:
+        """Token ids and types by owner, in text order."""
+        grouped: dict[int, tuple[list[int], list[int]]] = {}
+        for token in tokens:
+            ids, types = grouped.setdefault(token.owner, ([], []))
+            ids.append(token.id)
+            types.append(token.token_type)
+        return grouped
+
+    def _check_placeholders(self, ids: list[int], example: Example | None) -> None:
+        """Raises `ExampleError` unless the image/video placeholders among `ids` are the example's images and videos,
+        in number, kind and order. Reads the content's part types only: nothing is decoded."""
         placeholders = self._placeholder_ids() if self.is_multimodal else {}
-        media = [part for part in example.content if part["type"] in ("image", "video")] if example is not None else []
-        found = sum(token.id in placeholders for token in tokens)
-        if found != len(media):
-            where = example.where if example is not None else "<template prefix>"
+        media = [part["type"] for part in example.content if part["type"] in ("image", "video")] if example is not None else []
+        found = [placeholders[token_id] for token_id in ids if token_id in placeholders]
+        where = example.where if example is not None else "<template prefix>"
+        if len(found) != len(media):
             raise ExampleError(
-                f"{where}: the chat template rendered {found} image/video placeholders for the {len(media)} "
+                f"{where}: the chat template rendered {len(found)} image/video placeholders for the {len(media)} "
                 f"images/videos given"
             )
-        media = iter(media)
+        if found != media:
+            raise ExampleError(f"{where}: the chat template's image/video placeholders do not match the content")
+
+    def _encode_tokens(self, token_ids: list[int], token_types: list[int], example: Example | None) -> EncodedSpan:
+        """A span from token ids and types `[seq_len]`, each image/video placeholder expanded with the example's next
+        image or video (decoded)."""
+        self._check_placeholders(token_ids, example)
+        placeholders = self._placeholder_ids() if self.is_multimodal else {}
+        media = iter([part for part in example.content if part["type"] in ("image", "video")] if example is not None else [])
         ids: list[torch.Tensor] = []
         types: list[torch.Tensor] = []
         tensors: dict[str, list[torch.Tensor]] = {}
@@ -686,15 +821,13 @@ class EmlocProcessor(ProcessorMixin):
                 plain_ids.clear()
                 plain_types.clear()
 
-        for token in tokens:
-            kind = placeholders.get(token.id)
+        for token_id, token_type in zip(token_ids, token_types):
+            kind = placeholders.get(token_id)
             if kind is None:
-                plain_ids.append(token.id)
-                plain_types.append(token.token_type)
+                plain_ids.append(token_id)
+                plain_types.append(token_type)
                 continue
             part = next(media)
-            if part["type"] != kind:
-                raise ExampleError(f"{example.where}: the chat template's image/video placeholders do not match the content")
             flush()
             expanded = self._expand_placeholder(kind, part[kind])
             ids.append(expanded.pop("input_ids"))
@@ -747,6 +880,25 @@ class EmlocProcessor(ProcessorMixin):
             demos=[spans.get(index, _empty_span()) for index in range(len(examples))],
             examples=examples,
         )
+
+    def stream_context(self, demos: str | os.PathLike | Iterable[dict | Example], cache_size: int = 8) -> StreamedContext:
+        """`encode_context` for contexts too large to hold decoded: the same spans, each encoded when it is read.
+
+        Every demonstration is checked first — its JSON, required keys, that its image and video files exist, and that
+        the template renders a placeholder for each image and video — so a bad line raises `ExampleError` naming
+        `file:line` before any work. The whole context is then rendered and tokenised once, as `encode_context` does
+        (text only, cheap); images and video frames are decoded when their demonstration is read (`StreamedContext`).
+        """
+        examples = load_examples(demos, require_answer=True, decode=False)
+        rendered, end = self._render_context(examples)
+        grouped = self._group(self._tokenize(rendered, 0, end))
+        tokens = []
+        for index, example in enumerate(examples):
+            ids, types = grouped.get(index, ([], []))
+            self._check_placeholders(ids, example)
+            tokens.append((torch.tensor(ids, dtype=torch.long), torch.tensor(types, dtype=torch.long)))
+        prefix = self._encode_tokens(*grouped.get(PREFIX_OWNER, ([], [])), None)
+        return StreamedContext(self, examples, prefix, tokens, cache_size=cache_size)
 
     def encode_query(self, query: Example, history: Sequence[Example] | None = None) -> EncodedSpan:
         """The query's user turn plus the generation prompt, as it follows the demonstrations in the full context.
@@ -909,6 +1061,6 @@ def _copy_remote_code(save_directory) -> None:
 
 
 __all__ = [
-    "EmlocProcessor", "Example", "ExampleError", "EncodedSpan", "EncodedContext", "RenderedText", "TokenizationError",
-    "load_examples",
+    "EmlocProcessor", "Example", "ExampleError", "EncodedSpan", "EncodedContext", "RenderedText", "StreamedContext",
+    "TokenizationError", "decode_media", "examples_sha256", "load_examples",
 ]

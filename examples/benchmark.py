@@ -73,7 +73,7 @@ SEEDS = (0, 1, 2, 3)
 SCREEN_SEED = 100  # screening and option selection; never a reported seed
 MIN_GAIN = 0.15
 MIN_POOLED_QUERIES = 200
-DEFAULT_METHOD = "emloc"  # the registered method `build_memory` uses with no method argument (--default-method)
+DEFAULT_METHOD = "emloc-query"  # the registered method `build_memory` uses with no method argument (--default-method)
 
 SUITE = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default",
          "streamingllm@default", "tova@default", "kvzip@default", "kvzip@emloc", "kvzip@0.1", "kvzip@0.25", "kvzip@0.5",

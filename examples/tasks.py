@@ -54,7 +54,10 @@ def _digits_drawn(classes: tuple[int, ...]):
     data = load_digits()
     keep = [i for i, t in enumerate(data.target) if t in classes]
     shades = " .:-=+*#%@"
-    rows = ["\n".join("".join(shades[min(9, int(v * 10 / 17))] for v in row) for row in data.images[i]) for i in keep]
+    # each drawing line between bars: a row that started with a blank would merge with the blank line before it into
+    # one token (SmolLM2: "\n\n "), which no memory can be cut at (processing_emloc.TokenizationError)
+    rows = ["\n".join("|" + "".join(shades[min(9, int(v * 10 / 17))] for v in row) + "|" for row in data.images[i])
+            for i in keep]
     return rows, [str(data.target[i]) for i in keep], [str(c) for c in classes], "An 8x8 digit drawn in characters"
 
 

@@ -156,7 +156,7 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     for label in ("full", "default", "random@default", "emloc[ratios=0.1/0.5]", "random@0.25"):
         assert task["methods"][label]["num_queries"] == 10, task["methods"][label].get("errors")
     assert task["methods"]["default"]["vs_random"]["against"] == "random@default"
-    assert task["methods"]["default"]["memory_method"] == ["emloc"]
+    assert task["methods"]["default"]["memory_method"] == ["emloc-query"]
     split = tmp_path / "bench" / "tiny-llama" / "iris" / "seed0"
     recorded = json.loads((split / "results.json").read_text())
     assert recorded["methods"]["emloc[ratios=0.1/0.5]"]["memory_stats"]["method"]["params"]["ratios"] == [0.1, 0.5]

@@ -13,6 +13,7 @@ from processing_emloc import ANSWER
 
 def _build(model, processor, family, **kwargs):
     kwargs.setdefault("chunk_size", 2)
+    kwargs.setdefault("method", "emloc")  # the paper's rule: these are its invariants
     return model.build_memory(demos_for(family, 6), processor=processor, **kwargs)
 
 
@@ -105,7 +106,7 @@ def test_probe_divergence_of_the_final_decision_is_recomputable(tiny):
     """Re-run the probe of the first chunk against the memory's first-chunk tokens: its JS equals the recorded one."""
     model, processor, _ = tiny("llama")
     demos = demos_for("llama", 2)
-    memory = model.build_memory(demos, processor=processor, chunk_size=2, delta=0.01)
+    memory = model.build_memory(demos, processor=processor, method="emloc", chunk_size=2, delta=0.01)
     recorded = memory.stats["build"]["chunks"][0]["js"][0]
     builder_memory = model._empty_memory()
     from modeling_emloc import MemoryBuilder, EmlocMethod

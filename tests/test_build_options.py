@@ -138,3 +138,22 @@ def test_options_are_checked():
             EmlocMethod(**{option: value})
     with pytest.raises(ValueError, match="layer_group"):
         EmlocMethod(layer_group=0)
+
+
+def test_the_default_method_is_the_chosen_preset_and_records_every_option(tiny):
+    from modeling_emloc import COMPRESSION_METHODS, EmlocQueryMethod
+
+    model, processor, _ = tiny("llama")
+    assert model.config.method == "emloc-query" and COMPRESSION_METHODS["emloc-query"] is EmlocQueryMethod
+    memory = model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2)
+    method = memory.stats["method"]
+    assert method["name"] == "emloc-query"
+    assert method["params"] == {**EmlocQueryMethod().params(), "chunk_size": 2}
+    assert {"probe", "over", "layer_group", "protect", "positions", "delta", "ratios"} <= set(method["params"])
+    # the config's delta / ratios / probe set the paper rule only
+    paper = model.build_memory(demos_for("llama", 4), processor=processor, method="emloc", chunk_size=2)
+    assert paper.stats["method"]["params"] == {"delta": model.config.delta, "ratios": list(model.config.ratios),
+                                               "probe": model.config.probe, "chunk_size": 2}
+    # a preset option can be overridden like any other
+    override = model.build_memory(demos_for("llama", 4), processor=processor, chunk_size=2, layer_group=1)
+    assert override.stats["method"]["params"]["layer_group"] == 1

@@ -91,7 +91,10 @@ def test_generate_with_memory_equals_generate_on_full_context(tiny, family):
     model, processor, _ = tiny(family)
     demos, queries = demos_for(family, 4), queries_for(family, 2)
     memory = model.build_memory(demos, processor=processor, method="full", chunk_size=2)
-    generated = model.generate(**processor(queries), memory=memory, max_new_tokens=6)
+    batch = processor(queries)
+    generated = model.generate(**batch, memory=memory, max_new_tokens=6)
+    assert torch.equal(generated[:, : batch["input_ids"].shape[1]], batch["input_ids"]), "the prompt comes first"
+    generated = generated[:, batch["input_ids"].shape[1]:]
     eos = model.model.generation_config.eos_token_id
     for row, query in enumerate(queries):
         inputs = full_inputs(processor, demos, query)

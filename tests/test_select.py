@@ -16,7 +16,9 @@ def _batch(processor, queries):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_select_one_equals_no_selection_and_batches_equal_single_queries(tiny, family):
     model, processor, _ = tiny(family)
-    memory = model.build_memory(demos_for(family, 6), processor=processor, chunk_size=3, delta=0.01)
+    # the paper's rule: the default method keeps so few tokens of these random tiny models that a 30 % selection
+    # cuts between near-equal scores, where batch and single rows may break the tie differently
+    memory = model.build_memory(demos_for(family, 6), processor=processor, method="emloc", chunk_size=3, delta=0.01)
     queries = queries_for(family, 3)
     if family in ("llama", "gemma3"):
         queries[0] = dict(queries[0], question="short?")
@@ -67,7 +69,7 @@ def test_select_a_token_count_and_generation_keeps_the_subset(tiny):
     by_count = model.generate(**batch, memory=memory, select=12, max_new_tokens=4)
     assert by_count.shape[0] == 2
     greedy_first = model(**{k: v for k, v in batch.items() if k != "token_types"}, memory=memory, select=12).logits[:, -1].argmax(-1)
-    assert torch.equal(by_count[:, 0], greedy_first)
+    assert torch.equal(by_count[:, batch["input_ids"].shape[1]], greedy_first)
     with pytest.raises(ValueError, match="select must be"):
         model.generate(**batch, memory=memory, select=-1, max_new_tokens=2)
 
