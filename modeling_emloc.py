@@ -711,14 +711,7 @@ class Probe:
                  positions: str = "answer", choice_ids: torch.Tensor | None = None):
         self.builder, self.memory, self.chunk = builder, memory, chunk
         family = builder.family
-        # a row ends at its last scored position + 1: later tokens cannot change it (attention is causal)
-        rows = [_trim_after_last_answer(row, first_only=positions == "first") for row in rows]
-        batch = builder.processor.collate(rows, padding_side="right")
-        answer_next = (batch["token_types"][:, 1:] == ANSWER) & batch["attention_mask"][:, 1:].bool()
-        if positions == "first":  # only the first answer token of each row
-            answer_next = answer_next & (answer_next.long().cumsum(dim=1) == 1)
-        self.predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-        self.predicting[:, :-1] = answer_next
+        batch, self.predicting = answer_rows(builder.processor, rows, positions)
         self.choice_ids = None if choice_ids is None else choice_ids.to(builder.model.model.device)
         self.segment = builder.model._segment(batch, start_position=chunk.next_position)
         observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
@@ -751,6 +744,22 @@ class Probe:
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
         return js_divergence(self._logits(hidden), self.reference).mean().item()
+
+
+def answer_rows(processor: EmlocProcessor, rows: list[EncodedSpan], positions: str = "answer") -> tuple[dict, torch.Tensor]:
+    """Demonstration rows as a right-padded batch, and the positions scored on them `[batch, seq]` (bool): those whose
+    next token is an answer token (`positions="answer"`, the paper) or only each row's first one (`"first"`).
+
+    A row ends at its last scored position + 1: later tokens cannot change it (attention is causal).
+    """
+    rows = [_trim_after_last_answer(row, first_only=positions == "first") for row in rows]
+    batch = processor.collate(rows, padding_side="right")
+    answer_next = (batch["token_types"][:, 1:] == ANSWER) & batch["attention_mask"][:, 1:].bool()
+    if positions == "first":
+        answer_next = answer_next & (answer_next.long().cumsum(dim=1) == 1)
+    predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    predicting[:, :-1] = answer_next
+    return batch, predicting
 
 
 def _trim_after_last_answer(row: EncodedSpan, first_only: bool = False) -> EncodedSpan:
@@ -793,10 +802,7 @@ def answer_divergence(model: "EmlocForConditionalGeneration", memory: TaskMemory
                       rows: list[EncodedSpan], processor: EmlocProcessor) -> float:
     """Mean JS between the answer distributions of demonstration rows placed after `memory` and after `reference`
     (both must share `next_position`)."""
-    rows = [_trim_after_last_answer(row) for row in rows]
-    batch = processor.collate(rows, padding_side="right")
-    predicting = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    predicting[:, :-1] = (batch["token_types"][:, 1:] == ANSWER) & batch["attention_mask"][:, 1:].bool()
+    batch, predicting = answer_rows(processor, rows)
     predicting = predicting.to(model.model.device)
     outputs = []
     for mem in (memory, reference):
@@ -954,9 +960,6 @@ class EmlocMethod(CompressionMethod):
         step = max(1, len(others) // self.probe_size)
         offset = chunk_demos[0] % step if chunk_demos else 0
         return others[offset::step][: self.probe_size]
-
-    def probe_rows(self, builder: "MemoryBuilder", chunk_demos: list[int]) -> list[EncodedSpan]:
-        return [builder.context.demos[i] for i in self.probe_demos(len(builder.context.demos), chunk_demos)]
 
     def choice_ids(self, builder: "MemoryBuilder", probe_demos: list[int]) -> torch.Tensor | None:
         """First tokens of the probe rows' choices (`over="choices"`), or None to compare whole distributions."""
