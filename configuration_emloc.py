@@ -27,6 +27,12 @@ class EmlocConfig(PreTrainedConfig):
         method (`str`, *optional*, defaults to `"emloc-query"`):
             The compression method `build_memory` uses when none is given. `delta`, `ratios` and `probe` above are
             the settings of `"emloc"`, the paper's rule; `"emloc-query"` brings its own (README, "Why this default").
+        retrieval_layer (`int`, *optional*):
+            Memories built by `build_memory` record a retrieval key per demonstration (for `retrieve=k`): its
+            rendering as a query, run alone through the decoder layers below this one and mean-pooled; a query's key
+            costs the same partial pass. 0 is the input embeddings (no pass). Defaults to half the decoder layers
+            (README, "Retrieval inside the memory": as good as the last layer on the selection split at half the cost,
+            far better than the embeddings).
     """
 
     model_type = "emloc"
@@ -41,6 +47,7 @@ class EmlocConfig(PreTrainedConfig):
         probe: str = "self",
         pool_width: int = 5,
         method: str = "emloc-query",
+        retrieval_layer: int | None = None,
         **kwargs,
     ):
         if isinstance(base_config, dict):
@@ -53,6 +60,7 @@ class EmlocConfig(PreTrainedConfig):
         self.probe = probe
         self.pool_width = int(pool_width)
         self.method = method
+        self.retrieval_layer = None if retrieval_layer is None else int(retrieval_layer)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

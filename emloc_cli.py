@@ -83,7 +83,8 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
 
 
 def ask(memory: str, question: str, image: list[str] | None = None, choices: str | None = None,
-        model: str | None = None, max_new_tokens: int = 32, device: str | None = None) -> str | list:
+        model: str | None = None, max_new_tokens: int = 32, device: str | None = None,
+        retrieve: int | None = None) -> str | list:
     """Answer a question from a task memory (`model.load_memory`, then `model.generate` or `model.score_choices`).
 
     The answer streams to standard output; with `--choices`, each choice is printed with its log-probability, best
@@ -97,8 +98,11 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         model: the Emloc repo (or base model) to answer with; default: the one the memory's config records.
         max_new_tokens: the longest answer, in tokens.
         device: where to run (`cuda`, `cpu`, ...; default: where the model loads).
+        retrieve: answer from the memory's tokens of the question's nearest demonstrations only (this many).
     """
     directory = _memory_directory(memory)
+    if retrieve is not None and retrieve < 1:
+        raise UsageError(f"--retrieve {retrieve}: give a positive number of demonstrations")
     config = _memory_config(directory)
     recorded = config.get("base_model") or {}
     rendering = config.get("rendering") or {}
@@ -108,12 +112,15 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
                          f"pass --model with the Emloc repo it was built with")
     emloc_model, processor = _load_model(reference, device=device, rendering=rendering)
     emloc_model.load_memory(directory, name="task", processor=processor)
+    if retrieve is not None and emloc_model.memories["task"].retrieval is None:
+        raise UsageError(f"{memory}: this memory has no retrieval index (an older format or another tool made it); "
+                         f"ask without --retrieve")
     query = {"question": question}
     if image:
         query["images"] = list(image)
     if choices:
         options = [choice.strip() for choice in choices.split(",") if choice.strip()]
-        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor)[0]
+        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, retrieve=retrieve)[0]
         ranked = sorted(zip(options, scores), key=lambda pair: -pair[1])
         width = max(len(choice) for choice in options)
         for choice, score in ranked:
@@ -123,7 +130,8 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
 
     inputs = processor([query], return_tensors="pt")
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = emloc_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, processor=processor)
+    out = emloc_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, processor=processor,
+                               retrieve=retrieve)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
@@ -262,6 +270,8 @@ def _tables(memory: str, config: dict) -> list[str]:
         ("next position", config.get("next_position", "n/a")),
         ("build", f"{build.get('seconds', 'n/a')} s, {len(build.get('chunks', []))} chunks"),
         ("format version", config.get("format_version", "n/a")),
+        ("retrieval", f"{config['retrieval']['num_demos']} demonstrations, keys entering layer "
+                      f"{config['retrieval']['layer']} (ask --retrieve K)" if config.get("retrieval") else "none"),
     ]
     if config.get("validation"):
         validation = config["validation"]
@@ -405,6 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     argument("model", "--model", metavar="REPO")
     argument("max_new_tokens", "--max-new-tokens", type=int, default=32, metavar="N")
     argument("device", "--device")
+    argument("retrieve", "--retrieve", type=int, metavar="K")
 
     summary, description, _ = _docstring(evaluate)
     commands.add_parser("eval", help=summary, description=description, add_help=False)

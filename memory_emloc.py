@@ -31,7 +31,8 @@ import torch
 MEMORY_WEIGHTS_NAME = "memory.safetensors"
 MEMORY_CONFIG_NAME = "memory_config.json"
 MEMORY_CARD_NAME = "README.md"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a retrieval index per memory (`RetrievalIndex`); 1 still loads, without one
+READABLE_VERSIONS = (1, 2)
 TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")  # indexed by processing_emloc's token type ids
 
 
@@ -95,6 +96,64 @@ class MemoryLayer:
         )
 
 
+@dataclass
+class RetrievalIndex:
+    """What a memory needs to let each query attend to its nearest demonstrations only (`retrieve=k`).
+
+    A kept token belongs to the demonstration whose position range holds its position (every memory records its
+    tokens' positions, so this holds for any method that made it); tokens outside every range (the template prefix)
+    belong to none and stay visible. Each demonstration has a key: its rendering as a query, run alone through the
+    decoder layers below `layer` (0: the input embeddings), averaged over its tokens. A query's key is made the same
+    way; similarity is the cosine after subtracting the demonstrations' mean key (what every rendering shares).
+
+    Attributes:
+        starts / ends: `[num_demos]` long, each demonstration's text positions `[start, end)` in the context.
+        keys: `[num_demos, hidden]` float32 pooled hidden states (not centred or normalised).
+        layer: the decoder layer the keys enter (0 = embeddings).
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    keys: torch.Tensor
+    layer: int
+
+    @property
+    def num_demos(self) -> int:
+        return self.starts.shape[0]
+
+    def append(self, other: "RetrievalIndex") -> "RetrievalIndex":
+        if other.layer != self.layer:
+            raise ValueError(f"cannot join retrieval keys of layer {self.layer} and layer {other.layer}")
+        return RetrievalIndex(torch.cat([self.starts, other.starts]), torch.cat([self.ends, other.ends]),
+                              torch.cat([self.keys, other.keys]), self.layer)
+
+    def to(self, device) -> "RetrievalIndex":
+        return RetrievalIndex(self.starts.to(device), self.ends.to(device), self.keys.to(device), self.layer)
+
+    def nearest(self, query_keys: torch.Tensor, k: int) -> torch.Tensor:
+        """The `k` demonstrations most similar to each query: `query_keys [batch, hidden]` → `[batch, k]` indices."""
+        center = self.keys.mean(0)
+        demos = torch.nn.functional.normalize(self.keys - center, dim=-1)
+        queries = torch.nn.functional.normalize(query_keys.float().to(demos.device) - center, dim=-1)
+        return (queries @ demos.T).topk(min(int(k), self.num_demos), dim=-1).indices
+
+    def demo_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The demonstration holding each position (any shape), -1 where none does."""
+        starts, ends = self.starts.to(positions.device), self.ends.to(positions.device)
+        index = torch.searchsorted(starts, positions.contiguous(), right=True) - 1
+        inside = (index >= 0) & (positions < ends[index.clamp(min=0)])
+        return torch.where(inside, index, torch.full_like(index, -1))
+
+    def visible(self, positions: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Which memory tokens (`positions [kv_heads, tokens]`) each query row sees, given its `chosen [batch, k]`
+        demonstrations: bool `[batch, kv_heads, tokens]`, True for the chosen demonstrations' tokens and the tokens of
+        none."""
+        sees = torch.zeros(chosen.shape[0], self.num_demos + 1, dtype=torch.bool, device=positions.device)
+        sees[:, -1] = True  # index -1: the template prefix
+        sees.scatter_(1, chosen.to(positions.device), True)
+        return sees[:, self.demo_of(positions)]
+
+
 class TaskMemory:
     """A compressed demonstration context, reusable across queries.
 
@@ -102,12 +161,15 @@ class TaskMemory:
         layers: one `MemoryLayer` per decoder layer of the base model.
         next_position: the position the first query token takes (max position in the context + 1).
         stats: build statistics, the content of `memory_config.json`.
+        retrieval: where each demonstration sits and its key (`retrieve=k` when answering), or None.
     """
 
-    def __init__(self, layers: list[MemoryLayer], next_position: int, stats: dict | None = None):
+    def __init__(self, layers: list[MemoryLayer], next_position: int, stats: dict | None = None,
+                 retrieval: RetrievalIndex | None = None):
         self.layers = layers
         self.next_position = int(next_position)
         self.stats = stats if stats is not None else {}
+        self.retrieval = retrieval
         # growth buffers of `extend`, per layer, and the views of them that `layers` holds (see `extend`)
         self._buffers: dict[int, MemoryLayer] = {}
         self._views: dict[int, MemoryLayer] = {}
@@ -206,10 +268,11 @@ class TaskMemory:
                         l.positions.to(device), l.token_types.to(device))
             for l in self.layers
         ]
+        retrieval = self.retrieval.to(device) if self.retrieval is not None else None
         if all(new.keys is old.keys and new.values is old.values and new.positions is old.positions
-               for new, old in zip(layers, self.layers)):
+               for new, old in zip(layers, self.layers)) and (retrieval is None or retrieval.keys is self.retrieval.keys):
             return self
-        return TaskMemory(layers, self.next_position, copy.deepcopy(self.stats))
+        return TaskMemory(layers, self.next_position, copy.deepcopy(self.stats), retrieval)
 
     def digest(self) -> str:
         """SHA-256 of the memory's tensors (names, dtypes, shapes, bytes) and `next_position`: equal digests, equal
@@ -229,6 +292,9 @@ class TaskMemory:
             tensors[f"layers.{index}.values"] = layer.values.contiguous()
             tensors[f"layers.{index}.positions"] = layer.positions.contiguous()
             tensors[f"layers.{index}.token_types"] = layer.token_types.to(torch.uint8).contiguous()
+        if self.retrieval is not None:
+            for name in ("starts", "ends", "keys"):
+                tensors[f"retrieval.{name}"] = getattr(self.retrieval, name).contiguous()
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -247,6 +313,10 @@ class TaskMemory:
             config = dict(self.stats)
             config["format_version"] = FORMAT_VERSION
             config["next_position"] = self.next_position
+            config.pop("retrieval", None)
+            if self.retrieval is not None:
+                config["retrieval"] = {"layer": self.retrieval.layer, "num_demos": self.retrieval.num_demos,
+                                       "key": "mean hidden state entering `layer` of each demonstration rendered as a query"}
             (staging / MEMORY_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
             (staging / MEMORY_CARD_NAME).write_text(memory_card(config))
             if target.exists():
@@ -279,8 +349,9 @@ class TaskMemory:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MemoryLoadError(f"{config_path}: corrupt memory config ({error})") from None
         version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise MemoryLoadError(f"{config_path}: unknown memory format version {version!r} (this code reads {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise MemoryLoadError(f"{config_path}: unknown memory format version {version!r} (this code reads "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             with safe_open(str(weights_path), framework="pt") as handle:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -297,8 +368,18 @@ class TaskMemory:
             if keys.shape != values.shape or positions.shape != keys.shape[:2] or token_types.shape != keys.shape[:2]:
                 raise MemoryLoadError(f"{weights_path}: layer {index} tensors have inconsistent shapes")
             layers.append(MemoryLayer(keys, values, positions.long(), token_types.long()))
-        stats = {k: v for k, v in config.items() if k not in ("format_version", "next_position")}
-        return cls(layers, int(config["next_position"]), stats)
+        retrieval = None
+        if "retrieval" in config:
+            names = [f"retrieval.{part}" for part in ("starts", "ends", "keys")]
+            missing = [name for name in names if name not in tensors]
+            if missing:
+                raise MemoryLoadError(f"{weights_path}: truncated or corrupt memory weights (no tensor {missing[0]})")
+            starts, ends, keys = (tensors[name] for name in names)
+            if not starts.shape == ends.shape == keys.shape[:1] == (config["retrieval"]["num_demos"],):
+                raise MemoryLoadError(f"{weights_path}: retrieval tensors have inconsistent shapes")
+            retrieval = RetrievalIndex(starts.long(), ends.long(), keys.float(), int(config["retrieval"]["layer"]))
+        stats = {k: v for k, v in config.items() if k not in ("format_version", "next_position", "retrieval")}
+        return cls(layers, int(config["next_position"]), stats, retrieval)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -42,14 +42,14 @@ from transformers.modeling_utils import AttentionInterface
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
-    from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint,
-                               check_rendering, hub_name, push_memory_to_hub)
+    from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
+                               base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub)
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
-    from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, TaskMemory, base_model_fingerprint,
-                              check_rendering, hub_name, push_memory_to_hub)
+    from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
+                              base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub)
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -303,7 +303,9 @@ class EmlocCache(DynamicCache):
     """A `DynamicCache` whose layers start with a fixed prefix (a task memory, possibly with a chunk appended).
 
     Each layer may hold a different number of prefix tokens and each KV head its own tokens, so the cache also keeps
-    the prefix tokens' positions (`[kv_heads, tokens]` per layer) and, for the tokens fed afterwards, their positions,
+    the prefix tokens' positions (`[kv_heads, tokens]` per layer; `[batch, kv_heads, tokens]` with keys and values
+    `[batch, kv_heads, tokens, head_dim]` when each row has its own prefix, as with retrieval) and, for the tokens fed
+    afterwards, their positions,
     padding and branch (`[batch, tokens]`); `attention_mask(layer, ...)` builds the mask a stock attention function
     needs, and `next_position` (`[batch]`) is where each row's next token goes.
 
@@ -328,12 +330,13 @@ class EmlocCache(DynamicCache):
                 self.prefix_positions.append(None)
                 continue
             keys, values, positions = entry
-            layers.append(PrefixedLayer(keys.unsqueeze(0).expand(batch_size, -1, -1, -1),
-                                        values.unsqueeze(0).expand(batch_size, -1, -1, -1)))
+            if keys.dim() == 3:  # one prefix for every row
+                keys, values = keys.unsqueeze(0).expand(batch_size, -1, -1, -1), values.unsqueeze(0).expand(batch_size, -1, -1, -1)
+            layers.append(PrefixedLayer(keys, values))
             self.prefix_positions.append(positions)
         super().__init__()
         self.layers = layers
-        self.prefix_lengths = [p.shape[1] if p is not None else 0 for p in self.prefix_positions]
+        self.prefix_lengths = [p.shape[-1] if p is not None else 0 for p in self.prefix_positions]
         self.rows = batch_size
         device = next((p.device for p in self.prefix_positions if p is not None), torch.device("cpu"))
         self.new_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -380,18 +383,19 @@ class EmlocCache(DynamicCache):
             new_part &= self.new_positions[:, None, :] > query_positions[:, :, None] - sliding_window
         new_part = new_part[:, None]  # [batch, 1, q, new]
         positions = self.prefix_positions[layer]
-        if positions is None or positions.shape[1] == 0:
+        if positions is None or positions.shape[-1] == 0:
             return new_part
         positions = positions.to(new_part.device)
+        positions = positions if positions.dim() == 3 else positions[None]  # [1 | batch, kv_heads, prefix]
         keep = self.prefix_keep[layer]
         keep = keep.to(new_part.device) if keep is not None else None
         if sliding_window is None and keep is None:
-            prefix_part = torch.ones(self.rows, 1, num_new, positions.shape[1], dtype=torch.bool, device=new_part.device)
+            prefix_part = torch.ones(self.rows, 1, num_new, positions.shape[2], dtype=torch.bool, device=new_part.device)
             return torch.cat([prefix_part, new_part], dim=-1)
         # per KV head: each head kept its own tokens, so the window (and a selection) cuts each head differently
-        prefix_part = torch.ones(self.rows, positions.shape[0], num_new, positions.shape[1], dtype=torch.bool, device=new_part.device)
+        prefix_part = torch.ones(self.rows, positions.shape[1], num_new, positions.shape[2], dtype=torch.bool, device=new_part.device)
         if sliding_window is not None:
-            prefix_part = prefix_part & (positions[None, :, None, :] > query_positions[:, None, :, None] - sliding_window)
+            prefix_part = prefix_part & (positions[:, :, None, :] > query_positions[:, None, :, None] - sliding_window)
         if keep is not None:
             prefix_part = prefix_part & keep[:, :, None, :]
         prefix_part = prefix_part.repeat_interleave(num_groups, dim=1)
@@ -408,6 +412,7 @@ class EmlocCache(DynamicCache):
         for name in ("new_positions", "new_valid", "new_branches", "new_segments", "next_position"):
             setattr(self, name, pick(getattr(self, name)))
         self.prefix_keep = [pick(keep) if keep is not None else None for keep in self.prefix_keep]
+        self.prefix_positions = [pick(p) if p is not None and p.dim() == 3 else p for p in self.prefix_positions]
         self.rows = self.next_position.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -526,6 +531,9 @@ def emloc_selecting_attention(module, query, key, value, attention_mask, scaling
     layer = module.layer_idx
     if emloc_selector is not None and emloc_selector.cache.prefix_lengths[layer] > 0:
         keep = emloc_selector.choose(layer, probabilities, groups)
+        visible = emloc_selector.cache.prefix_keep[layer]  # what retrieval left visible: select within it
+        if visible is not None:
+            keep = keep & visible.to(keep.device)
         emloc_selector.cache.prefix_keep[layer] = keep
         length = keep.shape[-1]
         mask = attention_mask.expand(query.shape[0], query.shape[1], -1, -1).clone()
@@ -898,6 +906,11 @@ class EmlocMethod(CompressionMethod):
             takes the smallest ratio within its allowance that meets `delta`, else the largest one within it (least
             divergence). Savings of easy layers flow to harder ones; the chunk never exceeds the budget (beyond the
             always-kept answer tokens).
+        reuse: `"none"` (the paper) searches every chunk; `"verify"` first tries the previous chunk's ratios on this
+            chunk (its own importance, every layer pruned at once, one probe run from the bottom layer) and keeps them
+            when the JS stays within `delta`, searching only when it does not. The accepted memory meets the same
+            bound as a searched one (a search's lowest accepted decision is also a run with every layer pruned);
+            consecutive chunks of one task mostly pass, so a chunk usually costs two probe runs instead of a search.
     """
 
     name: ClassVar[str] = "emloc"
@@ -912,14 +925,16 @@ class EmlocMethod(CompressionMethod):
     search: str = "grid"
     bisect_steps: int = 4
     budget: float | None = None
+    reuse: str = "none"
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
-    PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid"}
+    PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid",
+             "reuse": "none"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
-                   "over": ("vocab", "choices"), "search": ("grid", "bisect")}
+                   "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -935,7 +950,7 @@ class EmlocMethod(CompressionMethod):
         params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
         if self.probe != "self":
             params["probe_size"] = self.probe_size
-        for option in ("protect", "positions", "over", "layer_group"):
+        for option in ("protect", "positions", "over", "layer_group", "reuse"):
             if getattr(self, option) != self.PAPER[option]:
                 params[option] = getattr(self, option)
         if self.search != "grid":
@@ -984,6 +999,12 @@ class EmlocMethod(CompressionMethod):
         kept: dict[int, torch.Tensor | None] = {}
         chosen, divergences = {}, {}
         extra = self.protect == "extra"
+        reused = self._reuse(builder, probe, answers, extra)
+        if reused is not None:
+            index, ratios, js = reused
+            stats = {"ratios": ratios, "js": [round(js, 6)] * num_layers, "reused": True,
+                     "probe_layer_passes": probe.passes, "probe_evaluations": probe.evaluations}
+            return index, stats
 
         def evaluate(group, ratio):
             """Keeps `ratio` in every layer of `group` (ascending layer indices); JS from the group's lowest layer."""
@@ -1014,7 +1035,21 @@ class EmlocMethod(CompressionMethod):
             "probe_layer_passes": probe.passes,
             "probe_evaluations": probe.evaluations,  # restarting each from layer 0 would cost evaluations x L passes
         }
+        if self.reuse != "none":
+            stats["reused"] = False
         return [kept[l] for l in range(num_layers)], stats
+
+    def _reuse(self, builder, probe: Probe, answers: torch.Tensor, extra: bool) -> tuple[list, list, float] | None:
+        """`reuse="verify"`: the previous chunk's per-layer ratios applied to this chunk, with their whole-stack JS,
+        if it stays within `delta` (None otherwise, or when there is no previous chunk of this build)."""
+        previous = builder.chunk_stats[-1] if self.reuse == "verify" and builder.chunk_stats else None
+        if previous is None or "ratios" not in previous:
+            return None
+        ratios = [float(r) for r in previous["ratios"]]
+        index = [None if ratio >= 1.0 else top_tokens(probe.importance[layer], ratio, answers, extra)
+                 for layer, ratio in enumerate(ratios)]
+        js = probe.divergence(0, dict(enumerate(index)))
+        return (index, previous["ratios"], js) if js <= self.delta else None
 
     def _first_passing(self, evaluate, group, grid, keep_whole):
         """The smallest ratio of `grid` meeting `delta`; otherwise the whole chunk (faithful rule) or, under a budget,
@@ -1071,7 +1106,7 @@ class EmlocQueryMethod(EmlocMethod):
         """Every option, so that a memory says exactly which rule made it."""
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
                 "protect": self.protect, "positions": self.positions, "over": self.over,
-                "layer_group": self.layer_group, "search": self.search, "budget": self.budget}
+                "layer_group": self.layer_group, "search": self.search, "budget": self.budget, "reuse": self.reuse}
 
 
 class MemoryBuilder:
@@ -1089,12 +1124,14 @@ class MemoryBuilder:
 
     def __init__(self, model: "EmlocForConditionalGeneration", processor: EmlocProcessor, method: CompressionMethod,
                  chunk_size: int, pool_width: int, progress: bool | Callable[[int, int], None] = False, validate: int = 0,
-                 checkpoint_dir: str | os.PathLike | None = None):
+                 checkpoint_dir: str | os.PathLike | None = None, retrieval_layer: int | None = None):
         self.model, self.processor, self.method = model, processor, method
+        self.retrieval_layer = retrieval_layer
         self.family = model.family
         self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
         self.checkpoint_dir = checkpoint_dir
         self.context = None
+        self.chunk_stats: list[dict] = []
 
     @torch.no_grad()
     def build(self, demos, append_to: TaskMemory | None = None) -> TaskMemory:
@@ -1106,6 +1143,7 @@ class MemoryBuilder:
         # a memory of its own over `append_to`'s tensors: growing it never writes into the memory the user gave
         memory = TaskMemory(list(append_to.layers), append_to.next_position) if append_to is not None else self.model._empty_memory()
         chunk_stats, full_types, spent_before = [], [], 0.0
+        self.chunk_stats = chunk_stats  # what methods may read of the chunks before (`reuse`); restored on resume
         checkpoint = None
         if self.checkpoint_dir is not None:
             checkpoint = BuildCheckpoint(self.checkpoint_dir, self._arguments(append_to))
@@ -1137,6 +1175,7 @@ class MemoryBuilder:
             if bar is not None:
                 bar.close()
         memory.compact()
+        memory.retrieval = self._retrieval(append_to)
         previous = append_to.stats if append_to is not None else None
         memory.stats = self.model._memory_stats(
             memory, self.method, num_demos, torch.cat(full_types), chunk_stats,
@@ -1161,6 +1200,16 @@ class MemoryBuilder:
         kept, stats = self.method.compress(self, memory, chunk, demo_indices)
         layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
         return layers, chunk.token_types.cpu(), stats, chunk.next_position
+
+    def _retrieval(self, append_to: TaskMemory | None) -> RetrievalIndex | None:
+        """The retrieval index of the demonstrations just built (joined to `append_to`'s), or None without
+        `retrieval_layer` or when `append_to` has none."""
+        if self.retrieval_layer is None or (append_to is not None and append_to.retrieval is None):
+            return None
+        start = append_to.next_position if append_to is not None else 0
+        index = self.model._retrieval_index(self.context, self.processor, self.retrieval_layer, start,
+                                            with_prefix=append_to is None, batch_size=self.chunk_size)
+        return append_to.retrieval.append(index) if append_to is not None else index
 
     def _arguments(self, append_to: TaskMemory | None) -> dict:
         """Everything that decides the memory's bytes: a checkpoint recorded under other arguments is not resumed."""
@@ -1308,6 +1357,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         past_key_values: EmlocCache | None = None,
         memory: TaskMemory | str | None = None,
         select: float | None = None,
+        retrieve: int | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
@@ -1332,6 +1382,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 there is none (then pass `processor(..., add_template_prefix=True)` inputs for zero-shot answers in the
                 full context's format).
             select: per-query selection over the memory (see `generate`); fixed by the first pass, kept by the cache.
+            retrieve: each query sees its `retrieve` nearest demonstrations only (see `generate`); fixed by the first
+                pass, kept by the cache.
             pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: the query's images
                 and videos (vision-language bases); `mm_token_type_ids` and `token_types` are accepted and unused
                 (the positions come from the model's own rope index).
@@ -1357,7 +1409,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             past_key_values = None  # an empty cache made by a caller: start from the memory
         if past_key_values is None:
             logits, cache, _ = self._query_pass(self._resolve_memory(memory), inputs, select=select,
-                                                logits_to_keep=logits_to_keep)
+                                                logits_to_keep=logits_to_keep, retrieve=retrieve)
         else:
             cache = past_key_values
             segment = self._segment(inputs, start_position=cache.next_position)
@@ -1397,23 +1449,133 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         )
 
     def _query_pass(self, memory: TaskMemory | None, inputs: dict, select: float | None = None,
-                    logits_to_keep: int = 0) -> tuple[torch.Tensor, EmlocCache, Segment]:
+                    logits_to_keep: int = 0, retrieve: int | None = None) -> tuple[torch.Tensor, EmlocCache, Segment]:
         """Prefills a batch of queries against one shared memory; returns logits `[batch, seq | logits_to_keep,
         vocab]`, the cache and the segment (for decoding on). `select` turns on per-query selection over the memory
-        (`MemorySelector`)."""
-        memory, cache = self._memory_cache(memory, inputs["input_ids"].shape[0])
+        (`MemorySelector`), `retrieve` retrieval of each query's nearest demonstrations (`_retrieve`)."""
+        memory, cache = self._memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
         segment = self._segment(inputs, start_position=memory.next_position)
         hidden, _ = run_layers(self.family, segment, cache, selector=self._selector(select, cache, segment.valid))
         return self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache, segment
 
-    def _memory_cache(self, memory: TaskMemory | None, batch_size: int) -> tuple[TaskMemory, EmlocCache]:
-        """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it."""
+    def _memory_cache(self, memory: TaskMemory | None, batch_size: int, queries: dict | None = None,
+                      retrieve: int | None = None) -> tuple[TaskMemory, EmlocCache]:
+        """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it
+        — with `retrieve`, each row of `queries` starting with its own view of it (`_retrieved_prefix`)."""
         memory = memory if memory is not None else self._empty_memory()
         self._check_memory_fits(memory)
         memory = memory.to(device=self.model.device, dtype=self.model.dtype)
-        cache = EmlocCache(memory_prefix(memory, family=self.family), batch_size=batch_size,
-                           start_position=memory.next_position)
+        prefix, keep = memory_prefix(memory, family=self.family), None
+        if retrieve is not None:
+            prefix, keep = self._retrieved_prefix(memory, prefix, queries, retrieve)
+        cache = EmlocCache(prefix, batch_size=batch_size, start_position=memory.next_position)
+        if keep is not None:
+            cache.prefix_keep = keep
         return memory, cache
+
+    # -- retrieval inside the memory ------------------------------------------------------------------------------------
+
+    def _retrieval_layer(self, layer: int | None) -> int:
+        """`layer`, else the config's `retrieval_layer`, else half the decoder layers."""
+        layer = layer if layer is not None else self.config.retrieval_layer
+        layer = self.family.num_layers // 2 if layer is None else int(layer)
+        if not 0 <= layer <= self.family.num_layers:
+            raise ValueError(f"retrieval_layer must lie in [0, {self.family.num_layers}], got {layer}")
+        return layer
+
+    def _retrieval_keys(self, inputs: dict, layer: int) -> torch.Tensor:
+        """Each row of `inputs` (a processor batch), run alone — no memory, positions from 0 — through the decoder
+        layers below `layer` (none for 0: the input embeddings), mean-pooled over its real tokens: `[batch, hidden]`
+        float32. Demonstrations (rendered as queries) and queries get their retrieval keys this one way."""
+        inputs = {key: value for key, value in inputs.items() if key != "token_types"}
+        segment = self._segment(inputs, start_position=0)
+        hidden = segment.hidden
+        if layer > 0:
+            cache = EmlocCache(memory_prefix(self._empty_memory(), family=self.family), hidden.shape[0])
+            hidden, _ = run_layers(self.family, segment, cache, stop=min(layer, self.family.num_layers))
+        valid = segment.valid[..., None].to(hidden.device, hidden.dtype)
+        return ((hidden * valid).sum(1) / valid.sum(1).clamp(min=1)).float()
+
+    @torch.no_grad()
+    def _retrieval_index(self, context, processor: EmlocProcessor, layer: int, start_position: int,
+                         with_prefix: bool, batch_size: int = 8) -> RetrievalIndex:
+        """Where each demonstration of `context` sits once its tokens follow `start_position` (after the template
+        prefix when `with_prefix`), and its key (`_retrieval_keys` of the demonstration rendered as a query)."""
+        family = self.family
+
+        def positions(span: EncodedSpan, start: int) -> torch.Tensor:
+            inputs = {"input_ids": span.input_ids[None], "attention_mask": torch.ones_like(span.input_ids)[None],
+                      **span.media}
+            return family.text_positions(family.relative_positions(inputs))[0] + start
+
+        cursor = start_position
+        if with_prefix and len(context.prefix):
+            cursor = int(positions(context.prefix, cursor).max()) + 1
+        starts, ends, keys = [], [], []
+        for begin in range(0, len(context), batch_size):
+            group = range(begin, min(begin + batch_size, len(context)))
+            for index in group:
+                demo = positions(context.demos[index], cursor)
+                starts.append(cursor)
+                cursor = int(demo.max()) + 1 if demo.numel() else cursor
+                ends.append(cursor)
+            batch = processor.collate([processor.encode_query(context.examples[i]) for i in group])
+            keys.append(self._retrieval_keys(batch, layer).cpu())
+        return RetrievalIndex(torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long),
+                              torch.cat(keys) if keys else torch.zeros(0, family.config.hidden_size), int(layer))
+
+    def _retrieved_prefix(self, memory: TaskMemory, prefix: list, queries: dict, retrieve: int) -> tuple[list, list]:
+        """`retrieve=k`: per layer, each row of `queries` gets its own prefix — the memory tokens of its `k` nearest
+        demonstrations and of the template prefix, gathered (keys and values `[batch, kv_heads, m, head_dim]`,
+        positions `[batch, kv_heads, m]`, `m` the most any row and head sees) — and the mask of the real ones among
+        them (`[batch, kv_heads, m]`, or None when none is padding). Attention then costs what those tokens cost, not
+        what the whole memory does."""
+        if isinstance(retrieve, bool) or not isinstance(retrieve, int) or retrieve < 1:
+            raise ValueError(f"retrieve must be a positive number of demonstrations, got {retrieve!r}")
+        index = memory.retrieval
+        if index is None:
+            raise ValueError(
+                "this memory has no retrieval index (saved in memory format 1, made by another tool, or built with "
+                "retrieval_layer=None): add one with model.index_memory(memory, demos, processor=processor)"
+            )
+        chosen = index.nearest(self._retrieval_keys(queries, index.layer), retrieve)
+        gathered, keeps = [], []
+        for entry in prefix:
+            if entry is None:
+                gathered.append(None)
+                keeps.append(None)
+                continue
+            keys, values, positions = entry
+            visible = index.visible(positions, chosen)  # [batch, kv_heads, n]
+            width = int(visible.sum(-1).max()) if visible.numel() else 0
+            # per row and head, its visible tokens first, in memory order
+            order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+
+            def pick(tensor):  # [kv_heads, n, head_dim] -> [batch, kv_heads, width, head_dim]
+                expanded = tensor.unsqueeze(0).expand(order.shape[0], -1, -1, -1)
+                return expanded.gather(2, order[..., None].to(tensor.device).expand(-1, -1, -1, tensor.shape[-1]))
+
+            rows_positions = positions.unsqueeze(0).expand(order.shape[0], -1, -1).gather(2, order.to(positions.device))
+            gathered.append((pick(keys), pick(values), rows_positions))
+            keep = visible.gather(2, order)
+            keeps.append(None if bool(keep.all()) else keep)
+        return gathered, keeps
+
+    @torch.no_grad()
+    def index_memory(self, memory: TaskMemory, demos, processor: EmlocProcessor, retrieval_layer: int | None = None) -> TaskMemory:
+        """Gives `memory` a retrieval index (for `retrieve=`): where each of `demos` sits and its key. For memories
+        without one — saved in memory format 1, or made by another tool (kvpress presses) from the same
+        demonstrations rendered by `processor`. `build_memory` does this itself. Returns `memory`."""
+        check_rendering(memory.stats, processor.rendering())
+        layer = self._retrieval_layer(retrieval_layer)
+        context = processor.stream_context(demos, cache_size=2 * self.config.chunk_size)
+        index = self._retrieval_index(context, processor, layer, 0, with_prefix=True, batch_size=self.config.chunk_size)
+        end = int(index.ends[-1]) if index.num_demos else 0
+        if end != memory.next_position:
+            raise ValueError(f"these {index.num_demos} demonstrations end at position {end}, the memory at "
+                             f"{memory.next_position}: it was not made from them")
+        memory.retrieval = index
+        return memory
 
     def _selector(self, select: float | None, cache: EmlocCache, valid: torch.Tensor) -> MemorySelector | None:
         """`MemorySelector` for `select=` (None or 1.0: the whole memory); `valid` `[batch, seq]` marks the positions
@@ -1457,7 +1619,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, memory: TaskMemory | str | None = None,
-                 select: float | None = None, processor: EmlocProcessor | None = None, **kwargs):
+                 select: float | None = None, processor: EmlocProcessor | None = None, retrieve: int | None = None,
+                 **kwargs):
         """transformers' `GenerationMixin.generate`, answering from a task memory.
 
         Every `GenerationConfig` field and `generate` argument works as for any causal LM (`max_new_tokens`,
@@ -1475,6 +1638,10 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             select: per-query selection over the memory: keep, per layer and KV head, the fraction (or, if > 1, the
                 number) of memory tokens each query attends to most, and answer with that subset (`MemorySelector`).
                 The stored memory is unchanged; `select=1.0` (or None) uses all of it.
+            retrieve: retrieval inside the memory: each query attends, in every layer, only to the template prefix and
+                the kept tokens of its `retrieve` nearest demonstrations (by the memory's `RetrievalIndex`: its key,
+                made from the query's own tokens as the demonstrations' were, against theirs), at no extra prefill.
+                Combines with `select` (selection within the retrieved tokens); needs a memory with a retrieval index.
             processor: the `EmlocProcessor` that rendered the queries. Given it, a memory whose demonstrations were
                 rendered otherwise is refused (`MemoryLoadError` naming the difference), and a row that starts with
                 the template prefix (a system turn, BOS: what a chat template or a tokenizer puts in front of a whole
@@ -1493,7 +1660,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             input_ids = kwargs.get("input_ids", inputs)
             if input_ids is not None:
                 kwargs["attention_mask"] = _mask_template_prefix(input_ids, kwargs.get("attention_mask"), processor)
-        return super().generate(inputs, generation_config, memory=memory, select=select, **kwargs)
+        return super().generate(inputs, generation_config, memory=memory, select=select, retrieve=retrieve, **kwargs)
 
     def adjust_generation_fn(self, *args, **kwargs):
         """Loads the repo's `generation_config.json` as any model does. Without one (an Emloc repo saved before it was
@@ -1535,14 +1702,15 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def score_choices(self, queries, memory: TaskMemory | str | None = None, processor: EmlocProcessor | None = None,
-                      history=None, select: float | None = None, batch_size: int = 8) -> list[list[float]]:
+                      history=None, select: float | None = None, batch_size: int = 8,
+                      retrieve: int | None = None) -> list[list[float]]:
         """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply.
 
         `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt. Queries go in
         batches of `batch_size` (left-padded); each batch is one pass against the memory, every multi-token choice
         riding behind its query as a branch that sees the query and itself only — the same numbers as one query at a
         time. A memory whose demonstrations were rendered otherwise than `processor` renders the queries is refused
-        (`MemoryLoadError`).
+        (`MemoryLoadError`). `select` and `retrieve` as in `generate`.
         """
         if processor is None:
             raise ValueError("score_choices needs the processor")
@@ -1563,19 +1731,19 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             part = examples[begin:begin + batch_size]
             batch = processor.collate([processor.encode_query(query, history_examples) for query in part])
             choices = [[processor.encode_choice(choice) for choice in query.choices] for query in part]
-            results += self._score_continuations(memory, batch, choices, select)
+            results += self._score_continuations(memory, batch, choices, select, retrieve)
         return results
 
     def _score_continuations(self, memory: TaskMemory, batch: dict, choices: list[list[torch.Tensor]],
-                             select: float | None) -> list[list[float]]:
+                             select: float | None, retrieve: int | None = None) -> list[list[float]]:
         """One pass for a batch of queries (`batch`, left-padded) and all their choices.
 
         Each query is followed by every choice of more than one token without its last token, each as a branch
         `b = 1, 2, …` at the positions right after the query that sees the query and itself only: the query's last
         token predicts every choice's first token, the branch tokens the rest. The queries are packed into one row, each
         attending to its own tokens only (`segments`), so the memory is copied and read once per batch rather than
-        once per query. With `select`, each query chooses its own view of the memory from its own tokens' attention
-        (`MemorySelector` works per row): one row per query, padded at the end.
+        once per query. With `select` or `retrieve`, each query has its own view of the memory (chosen by its own
+        tokens' attention, `MemorySelector`, or by its nearest demonstrations): one row per query, padded at the end.
         """
         batch = {key: value for key, value in batch.items() if key != "token_types"}
         device = self.model.device
@@ -1598,7 +1766,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 torch.cat([torch.zeros(length, dtype=torch.long, device=device), branches]),
                 length,
             ))
-        if select is None:  # packed: one row
+        if select is None and retrieve is None:  # packed: one row
             starts = [0]
             for piece in pieces:
                 starts.append(starts[-1] + piece[0].shape[0])
@@ -1624,7 +1792,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             )
             rows = [(row, 0) for row in range(len(pieces))]
             chooser = torch.arange(width, device=device)[None] < torch.tensor([p[4] for p in pieces], device=device)[:, None]
-        memory, cache = self._memory_cache(memory, segment.hidden.shape[0])
+        # with `retrieve` the layout has one row per query, so the queries' rows are the cache's
+        memory, cache = self._memory_cache(memory, segment.hidden.shape[0], batch, retrieve)
         selector = self._selector(select, cache, chooser) if chooser is not None else None
         hidden, _ = run_layers(self.family, segment, cache, selector=selector)
         # read out, per query, its last token (predicting every first token) and its branch tokens
@@ -1654,7 +1823,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
 
     def build_memory(self, demos, processor: EmlocProcessor, method: str | None = None, chunk_size: int | None = None,
                      append_to: TaskMemory | None = None, progress: bool = False, validate: int = 0,
-                     checkpoint_dir: str | os.PathLike | None = None, **method_params) -> TaskMemory:
+                     checkpoint_dir: str | os.PathLike | None = None, retrieval: bool = True,
+                     retrieval_layer: int | None = None, **method_params) -> TaskMemory:
         """Compresses demonstrations into a task memory.
 
         Args:
@@ -1675,6 +1845,10 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 holding another build (other demonstrations, method, parameters, chunk size, base model, rendering or
                 code) is refused with the differences named (`CheckpointError`); delete it to start over. It is kept
                 after the build (a rerun returns the memory at once) until you delete it.
+            retrieval: record a retrieval index (where each demonstration sits, and its key), for answering with
+                `retrieve=k`; it costs one pass of each demonstration, alone, below `retrieval_layer`.
+            retrieval_layer: the layer whose entering hidden state keys each demonstration (default: the config's,
+                half the decoder layers; 0 = the input embeddings, which cost no pass).
             **method_params: the method's parameters, e.g. `delta=0.005, ratios=(0.1, 0.2, 0.5), probe="self"`.
         """
         method = method or self.config.method
@@ -1693,7 +1867,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             self._check_memory_fits(append_to)
             check_rendering(append_to.stats, processor.rendering())
         builder = MemoryBuilder(self, processor, method_cls(**params), chunk_size or self.config.chunk_size,
-                                self.config.pool_width, progress=progress, validate=validate, checkpoint_dir=checkpoint_dir)
+                                self.config.pool_width, progress=progress, validate=validate, checkpoint_dir=checkpoint_dir,
+                                retrieval_layer=self._retrieval_layer(retrieval_layer) if retrieval else None)
         memory = builder.build(demos, append_to=append_to)
         memory.stats["rendering"] = processor.rendering()  # queries must be rendered the same way (design §7)
         return memory

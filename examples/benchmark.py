@@ -101,14 +101,17 @@ def queries_per_split(task: str, demos: int, max_queries: int) -> int:
 
 
 def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: int, queries: int,
-              force: bool = False) -> dict:
+              force: bool = False, add: bool = False) -> dict:
     """One seeded split: its demonstrations and queries, every method on them (`evaluate_memory`), into `out`.
-    A split whose `results.json` exists is read back, not rerun (unless `force`)."""
+    A split whose `results.json` exists is read back, not rerun (unless `force`); with `add`, the methods it lacks are
+    run on its demonstrations and queries and added to it (`add_methods`)."""
     results_path = out / "results.json"
     if results_path.exists() and not force:
         results = json.loads(results_path.read_text())
         missing = [m for m in evaluate_memory.split_methods(methods) if m not in results["methods"]]
-        note = f"; without {', '.join(missing)} (rerun with --force to add them)" if missing else ""
+        if missing and add:
+            return add_methods(model, task, out, results, missing)
+        note = f"; without {', '.join(missing)} (rerun with --force, or --add, to add them)" if missing else ""
         print(f"[skip] {out} exists{note}", flush=True)
         return results
     demo_rows, query_rows = make_task(task, demos, queries, seed=seed)
@@ -120,6 +123,31 @@ def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: 
     results = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
                                     str(out / "queries.jsonl"), "--methods", methods, "--out", str(out), "--task", task])
     print(f"[split] {out} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return results
+
+
+def add_methods(model: str, task: str, out: Path, results: dict, missing: list[str]) -> dict:
+    """Runs `missing` on an existing split — with `full` (the reference of agreement) and the memories they refer to
+    (`X@LABEL`, `LABEL+retrieve@K`), which are rebuilt, not reused — and adds their records to its `results.json`.
+    The records already there are kept: every method is deterministic given the split, so `full` scores the same."""
+    needed = ["full"]
+    for label in missing:
+        spec = evaluate_memory.parse_methods(label)[0]
+        base = label.split("+select")[0].split("+retrieve")[0]
+        for dependency in (spec.reference, base if base != label else None):
+            if dependency and dependency not in needed and dependency not in missing:
+                needed.append(dependency)
+    started = time.perf_counter()
+    work = out / "added"
+    added = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
+                                  str(out / "queries.jsonl"), "--methods", ",".join(needed + missing), "--out", str(work),
+                                  "--task", task])
+    for label in missing:
+        results["methods"][label] = added["methods"][label]
+    results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "machine": added.get("machine"),
+                                            "date": datetime.date.today().isoformat()})
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"[added] {', '.join(missing)} to {out} in {time.perf_counter() - started:.0f} s", flush=True)
     return results
 
 
@@ -149,7 +177,7 @@ def method_family(label: str) -> str:
 def is_memory_label(label: str) -> bool:
     """A memory built by our builder at its own size (`emloc`, `default`, `emloc[...]`, a registered method)."""
     spec = evaluate_memory.parse_methods(label)[0]
-    return (spec.kept is None and spec.select is None and spec.name not in ("zero-shot", "full", "random")
+    return (spec.kept is None and spec.select is None and spec.retrieve is None and spec.name not in ("zero-shot", "full", "random")
             and spec.name not in evaluate_memory.BASELINES and spec.name not in evaluate_memory.KVPRESS_PRESSES)
 
 
@@ -157,7 +185,8 @@ def random_comparator(label: str) -> str | None:
     """The `random` method at the same kept share as `label`: `random@LABEL` for a memory LABEL, `random@REF` for
     `X@REF` (REF a fraction or a label); None where there is none (baselines, `full`, random itself, `+select`)."""
     spec = evaluate_memory.parse_methods(label)[0]
-    if spec.name in ("zero-shot", "full", "random") or spec.name in evaluate_memory.BASELINES or spec.select is not None:
+    if spec.name in ("zero-shot", "full", "random") or spec.name in evaluate_memory.BASELINES or spec.select is not None \
+            or spec.retrieve is not None:
         return None
     if spec.kept is not None:
         return "random@" + label.split("@", 1)[1]
@@ -729,6 +758,8 @@ def parse_args(argv=None):
                              "report in OUT/selection/")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the splits on disk")
     parser.add_argument("--force", action="store_true", help="rerun splits whose results.json exists")
+    parser.add_argument("--add", action="store_true",
+                        help="run only the methods an existing split lacks (with what they need) and add them to it")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
@@ -775,7 +806,7 @@ def main(argv=None) -> dict:
                 elif verdict["kept"]:
                     for seed in args.seeds_list:
                         run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
-                                  args.force)
+                                  args.force, args.add)
                         report(args, out, methods)
     if args.scaling:
         run_scaling(out, args.scaling_task, [45, 180])

@@ -28,6 +28,9 @@ value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
     rices[k=8]                per query, the k most similar demonstrations by the model's own embeddings, in full
     lora[epochs=3;...]        LoRA fine-tuning with peft on the demonstrations (adaptation time reported)
     full+select@F, emloc+select@F   per-query selection over the memory at answer time
+    full+retrieve@K, default+retrieve@K, snapkv@F+retrieve@K, ...   retrieval inside the memory: each query attends to
+                              its K nearest demonstrations' kept tokens only (`retrieve=K`); a memory without a
+                              retrieval index (kvpress) is indexed first (`model.index_memory`)
 
 Writes OUT/results.json (design §5), OUT/report.md and OUT/*.png. Under `accelerate launch --num_processes N`, the
 queries are split across processes (memories are built once, on the main process, and shared through OUT/memories).
@@ -77,6 +80,7 @@ class MethodSpec:
     params: dict = field(default_factory=dict)
     kept: float | str | None = None
     select: float | None = None
+    retrieve: int | None = None
 
     @property
     def label(self) -> str:
@@ -113,7 +117,7 @@ def split_methods(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-_SPEC = re.compile(r"([A-Za-z0-9_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@(.+))?")
+_SPEC = re.compile(r"([A-Za-z0-9_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@(.+?))?(?:\+retrieve(?:@(\d+))?)?")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -122,9 +126,13 @@ def parse_methods(text: str) -> list[MethodSpec]:
         match = _SPEC.fullmatch(item)
         if match is None:
             raise SystemExit(f"--methods: cannot read {item!r} (expected name[k=v;...]@F or name@LABEL)")
-        name, select, params, kept = match.groups()
+        name, select, params, kept, retrieve = match.groups()
         params = dict(kv.split("=", 1) if "=" in kv else (kv, "true") for kv in params.split(";") if kv) if params else {}
         spec = MethodSpec(item, name, {k.strip(): _value(v.strip()) for k, v in params.items()})
+        if item.endswith("+retrieve") or retrieve is not None:
+            spec.retrieve = int(retrieve) if retrieve is not None else 8
+            if name in BASELINES:
+                raise SystemExit(f"--methods: {item!r}: retrieval needs a memory, {name} has none")
         if select:
             spec.select = float(kept) if kept else 0.3
         elif kept is not None:
@@ -140,7 +148,7 @@ def order_specs(specs: list[MethodSpec]) -> list[MethodSpec]:
     """`full` first (every other method is compared with it), then each spec after the memory its `@LABEL` refers to;
     otherwise the given order."""
     labels = {s.label for s in specs}
-    ordered = [s for s in specs if s.name == "full" and s.select is None]
+    ordered = [s for s in specs if s.name == "full" and s.select is None and s.retrieve is None]
     rest = [s for s in specs if s not in ordered]
     while rest:
         done = {s.label for s in ordered}
@@ -159,7 +167,7 @@ def order_specs(specs: list[MethodSpec]) -> list[MethodSpec]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def score_queries(model, processor, queries, memory=None, select=None, state=None):
+def score_queries(model, processor, queries, memory=None, select=None, state=None, retrieve=None):
     """Per-query choice log-probabilities and latencies; split across processes under accelerate."""
     indices = list(range(len(queries)))
     if state is not None and state.num_processes > 1:
@@ -167,6 +175,8 @@ def score_queries(model, processor, queries, memory=None, select=None, state=Non
             indices = list(part)
     rows = []
     kwargs = {"select": select} if select is not None else {}
+    if retrieve is not None:
+        kwargs["retrieve"] = retrieve
     for index in indices:
         started = time.perf_counter()
         scores = model.score_choices([queries[index]], memory=memory, processor=processor, **kwargs)[0]
@@ -468,7 +478,7 @@ def evaluate(args) -> dict:
         """The builder call of a memory spec: `full`, `random`, `emloc`, `default` or a registered method's name."""
         params = dict(spec.params)
         if spec.name == "full":
-            return lambda: model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos))
+            return lambda: model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos), **params)
         if spec.name == "random":
             kept = kept_share(spec)
             return lambda: model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2, **params)
@@ -497,11 +507,16 @@ def evaluate(args) -> dict:
                             return build_kvpress_memories(model, processor, demos, [(spec.name, kept)], Path(work), base_dir)[(spec.name, kept)]
                 else:
                     build = own_build(spec)
-                base_label = spec.label.split("+select")[0] if spec.select is not None else spec.label
+                base_label = spec.label.split("+select")[0].split("+retrieve")[0]
                 memory = memories.get(base_label) or shared_memory(base_label, build)
                 memories.setdefault(base_label, memory)
-                scores, latencies = score_queries(model, processor, queries, memory, select=spec.select, state=state)
+                if spec.retrieve is not None and memory.retrieval is None:  # a press's memory: index it here
+                    model.index_memory(memory, demos, processor=processor)
+                scores, latencies = score_queries(model, processor, queries, memory, select=spec.select, state=state,
+                                                  retrieve=spec.retrieve)
                 record.update(memory_record(memory))
+                if spec.retrieve is not None:
+                    record["retrieve"] = spec.retrieve
                 if spec.select is not None:
                     record["kept_ratio"] = record["kept_ratio"] * spec.select
                     record["selected_fraction"] = spec.select
@@ -517,9 +532,10 @@ def evaluate(args) -> dict:
                 record.update(build_seconds=stats["train_seconds"], kept_ratio=0.0, lora=stats)
             else:
                 raise ValueError(f"unknown method {spec.name!r}")
-            if spec.name == "full" and spec.select is None:
+            plain_full = spec.name == "full" and spec.select is None and spec.retrieve is None
+            if plain_full:
                 full_scores = scores
-            record.update(summarise(queries, scores, latencies, full_scores if spec.name != "full" or spec.select else None, metrics))
+            record.update(summarise(queries, scores, latencies, None if plain_full else full_scores, metrics))
             record["choice_logprobs"] = scores
         except Exception as error:  # one failing baseline must not lose the others' results
             if state.is_main_process:

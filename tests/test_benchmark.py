@@ -131,6 +131,11 @@ def test_comparators_and_method_specs():
     assert benchmark.random_comparator("kvzip@emloc[probe=future]") == "random@emloc[probe=future]"
     assert benchmark.random_comparator("full") is None and benchmark.random_comparator("rices[k=8]") is None
     assert benchmark.random_comparator("emloc+select@0.5") is None
+    assert benchmark.random_comparator("default+retrieve@8") is None and not benchmark.is_memory_label("full+retrieve@8")
+    retrieval = evaluate_memory.parse_methods("full+retrieve@16,default+retrieve,snapkv@0.25+retrieve@4")
+    assert [(s.name, s.kept, s.retrieve) for s in retrieval] == [("full", None, 16), ("default", None, 8), ("snapkv", 0.25, 4)]
+    with pytest.raises(SystemExit, match="needs a memory"):
+        evaluate_memory.parse_methods("rices[k=8]+retrieve@4")
     specs = evaluate_memory.parse_methods("default[method=emloc;ratios=0.1/0.2],random@default,kvzip@emloc[probe=future],"
                                           "emloc[ratios=0.1,0.2],emloc[probe=future],full")
     assert [s.label for s in specs][0] == "default[method=emloc;ratios=0.1/0.2]"
@@ -166,3 +171,14 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     benchmark.main(args)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert "tiny-llama" in (tmp_path / "bench" / "report.md").read_text()
+    # --add runs only what a split lacks (retrieval inside the memories here) and keeps the records it had
+    added = benchmark.main([*args[:args.index("--methods")], "--methods",
+                            "zero-shot,full,default,random@default,full+retrieve@2,default+retrieve@2", "--add",
+                            *args[args.index("--methods") + 2:]])
+    after = json.loads((split / "results.json").read_text())
+    assert after["methods"]["default"] == recorded["methods"]["default"]
+    for label in ("full+retrieve@2", "default+retrieve@2"):
+        assert after["methods"][label]["retrieve"] == 2 and len(after["methods"][label]["predictions"]) == 5
+        assert added["models"]["tiny-llama"]["tasks"]["iris"]["methods"][label]["num_queries"] == 10
+    assert after["added"][0]["methods"] == ["full+retrieve@2", "default+retrieve@2"]
+    assert after["added"][0]["rebuilt"] == ["full", "default"]

@@ -133,7 +133,8 @@ def test_layer_group_of_one_is_the_paper(tiny):
 
 
 def test_options_are_checked():
-    for option, value in (("protect", "all"), ("positions", "last"), ("over", "labels"), ("probe", "next")):
+    for option, value in (("protect", "all"), ("positions", "last"), ("over", "labels"), ("probe", "next"),
+                          ("reuse", "always")):
         with pytest.raises(ValueError, match=f"{option} must be one of"):
             EmlocMethod(**{option: value})
     with pytest.raises(ValueError, match="layer_group"):
@@ -157,3 +158,50 @@ def test_the_default_method_is_the_chosen_preset_and_records_every_option(tiny):
     # a preset option can be overridden like any other
     override = model.build_memory(demos_for("llama", 4), processor=processor, chunk_size=2, layer_group=1)
     assert override.stats["method"]["params"]["layer_group"] == 1
+
+
+def test_reuse_verify_keeps_the_previous_decisions_when_they_pass_and_searches_when_they_fail(tiny):
+    model, processor, _ = tiny("llama")
+    layers = model.family.num_layers
+    # a bound everything meets: the first chunk searches (ratios[0] everywhere), every later one reuses it in one run
+    loose = _build(model, processor, count=8, delta=1e9, reuse="verify")
+    chunks = loose.stats["build"]["chunks"]
+    assert [c["reused"] for c in chunks] == [False, True, True, True]
+    assert all(c["probe_evaluations"] == 1 and c["probe_layer_passes"] == layers for c in chunks[1:])
+    assert all(c["ratios"] == chunks[0]["ratios"] for c in chunks)
+    searched = _build(model, processor, count=8, delta=1e9)
+    for a, b in zip(loose.layers, searched.layers):  # the same ratios on the same importance: the same tokens
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+    assert loose.stats["method"]["params"]["reuse"] == "verify" and "reuse" not in searched.stats["method"]["params"]
+    # a bound nothing meets: every chunk is searched (and keeps everything, as the paper's rule does)
+    strict = _build(model, processor, count=8, delta=-1.0, reuse="verify")
+    assert [c["reused"] for c in strict.stats["build"]["chunks"]] == [False] * 4
+    # in between, a reused chunk met the bound with every layer pruned at once
+    middle = _build(model, processor, count=8, delta=0.002, reuse="verify")
+    for chunk in middle.stats["build"]["chunks"]:
+        assert not chunk["reused"] or max(chunk["js"]) <= 0.002
+
+
+def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
+    """The previous chunk's decisions come back from the checkpoint, so a resumed build reuses what an unbroken one
+    does."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(chunks):
+        def progress(done, total):
+            if done == chunks:
+                raise Stop
+        return progress
+
+    model, processor, _ = tiny("llama")
+    demos, params = demos_for("llama", 8), {"method": "emloc", "delta": 1e9, "reuse": "verify", "chunk_size": 2}
+    with pytest.raises(Stop):
+        model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", progress=stop_after(1), **params)
+    resumed = model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", **params)
+    unbroken = model.build_memory(demos, processor=processor, **params)
+    assert [c["reused"] for c in resumed.stats["build"]["chunks"]] == [False, True, True, True]
+    for a, b in zip(resumed.layers, unbroken.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)

@@ -47,16 +47,16 @@ def _error_line(stderr: str, command: str) -> str:
     return last
 
 
-def _answer(repo, memory_dir, question, max_new_tokens):
+def _answer(repo, memory_dir, question, max_new_tokens, retrieve=None):
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(repo, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     model.load_memory(memory_dir, processor=processor)
     inputs = processor([{"question": question}])
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, processor=processor)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, processor=processor, retrieve=retrieve)
     scores = model.score_choices([{"question": question, "choices": ["setosa", "versicolor", "virginica"]}],
-                                 processor=processor)[0]
+                                 processor=processor, retrieve=retrieve)[0]
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0], scores
 
 
@@ -89,6 +89,7 @@ def test_build_inspect_and_ask(workspace):
 
     out, _ = emloc("inspect", "memory", cwd=root)
     assert "emloc (delta=0.01" in out and "kept KV" in out and "token type" in out
+    assert "8 demonstrations, keys entering layer 1" in out  # half of the tiny model's 2 layers
     assert f"{config['totals']['kept_ratio'] * 100:.1f} %" in out
 
     expected, scores = _answer(repo, root / "memory", QUESTION, 4)
@@ -98,6 +99,10 @@ def test_build_inspect_and_ask(workspace):
     ranked = [line.split() for line in out.strip().splitlines()]
     assert [name for name, _ in ranked] == [c for _, c in sorted(zip(scores, ["setosa", "versicolor", "virginica"]), reverse=True)]
     assert float(ranked[0][1]) == pytest.approx(max(scores), abs=1e-3)
+    _, retrieved = _answer(repo, root / "memory", QUESTION, 4, retrieve=2)
+    out, _ = emloc("ask", "memory", QUESTION, "--model", repo, "--choices", "setosa,versicolor,virginica",
+                   "--retrieve", "2", cwd=root)
+    assert max(float(line.split()[1]) for line in out.strip().splitlines()) == pytest.approx(max(retrieved), abs=1e-3)
 
     # the memory names no Hub model (it was built from a directory): ask says so
     _, err = emloc("ask", "memory", QUESTION, cwd=root, expect=2)

@@ -171,3 +171,18 @@ def test_kvzip_on_gemma3_is_reported_as_unsupported(tiny, tmp_path):
     assert result.returncode == 1
     assert "SKIPPED kvzip-kept30-removed70" in result.stdout and "not supported for Gemma3" in result.stdout
     assert not list((tmp_path / "out").rglob("memory_config.json"))
+
+
+def test_a_press_memory_indexed_from_its_demonstrations_retrieves_like_ours(kvpress_memories):
+    """A press's memory has no retrieval index; `index_memory` gives it ours (same demonstrations, same rendering), and
+    with nothing removed it then retrieves exactly as our full memory does."""
+    model, processor, ours, memories, length = kvpress_memories
+    memory = model.load_memory(memories / "snapkv-kept100-removed00", name="kvpress-retrieve", activate=False)
+    assert memory.retrieval is None
+    model.index_memory(memory, text_demos(16), processor=processor)
+    for name in ("starts", "ends", "keys"):
+        torch.testing.assert_close(getattr(memory.retrieval, name), getattr(ours.retrieval, name))
+    queries = text_queries(3)
+    torch.testing.assert_close(torch.tensor(model.score_choices(queries, memory=memory, processor=processor, retrieve=4)),
+                               torch.tensor(model.score_choices(queries, memory=ours, processor=processor, retrieve=4)),
+                               atol=1e-3, rtol=0)

@@ -211,6 +211,8 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     method = memory.stats["method"]
     assert method["name"] == "emloc-query"
     # the default is the paper's rule with options the implementation before already had as `method="emloc"` options
-    refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **method["params"]}})
+    params = dict(method["params"])
+    assert params.pop("reuse") == "none"  # the implementation before had no reuse option: it searched every chunk
+    refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
