@@ -665,6 +665,9 @@ def _card_code(config: dict, repo_id: str | None) -> str:
         "out = model.generate(**inputs, max_new_tokens=16)",
         "print(processor.batch_decode(out[:, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)[0])",
     ]
+    if config.get("retrieval"):
+        lines += ["# or from the memory of its 8 nearest demonstrations only (retrieval inside the memory):",
+                  "out = model.generate(**inputs, max_new_tokens=16, retrieve=8)"]
     return "\n".join(lines)
 
 

@@ -1452,7 +1452,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                     logits_to_keep: int = 0, retrieve: int | None = None) -> tuple[torch.Tensor, EmlocCache, Segment]:
         """Prefills a batch of queries against one shared memory; returns logits `[batch, seq | logits_to_keep,
         vocab]`, the cache and the segment (for decoding on). `select` turns on per-query selection over the memory
-        (`MemorySelector`), `retrieve` retrieval of each query's nearest demonstrations (`_retrieve`)."""
+        (`MemorySelector`), `retrieve` retrieval of each query's nearest demonstrations (`_retrieved_prefix`)."""
         memory, cache = self._memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
         segment = self._segment(inputs, start_position=memory.next_position)
         hidden, _ = run_layers(self.family, segment, cache, selector=self._selector(select, cache, segment.valid))
@@ -1522,7 +1522,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             batch = processor.collate([processor.encode_query(context.examples[i]) for i in group])
             keys.append(self._retrieval_keys(batch, layer).cpu())
         return RetrievalIndex(torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long),
-                              torch.cat(keys) if keys else torch.zeros(0, family.config.hidden_size), int(layer))
+                              torch.cat(keys) if keys else torch.zeros(0, self.config.text_config.hidden_size), int(layer))
 
     def _retrieved_prefix(self, memory: TaskMemory, prefix: list, queries: dict, retrieve: int) -> tuple[list, list]:
         """`retrieve=k`: per layer, each row of `queries` gets its own prefix — the memory tokens of its `k` nearest
@@ -1536,7 +1536,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         if index is None:
             raise ValueError(
                 "this memory has no retrieval index (saved in memory format 1, made by another tool, or built with "
-                "retrieval_layer=None): add one with model.index_memory(memory, demos, processor=processor)"
+                "retrieval=False): add one with model.index_memory(memory, demos, processor=processor)"
             )
         chosen = index.nearest(self._retrieval_keys(queries, index.layer), retrieve)
         gathered, keeps = [], []

@@ -23,14 +23,16 @@ Protocol (design §5, issue 9):
     method (`build_memory` with no method argument); `--default-method NAME` says which registered method that is
     expected to be (the report checks what the memories recorded).
 
-Run it in pieces (a split whose `results.json` exists is not rerun; `--force` reruns it), the report is rebuilt from
-every split on disk after each split and with `--report-only`:
+Run it in pieces (a split whose `results.json` exists is not rerun; `--force` reruns it; `--add` runs only the methods
+it lacks, with the memories they need, and adds them to it), the report is rebuilt from every split on disk after
+each split and with `--report-only`:
 
     python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 0,1          # a first piece
     python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 2,3          # more of it
     python examples/benchmark.py --models gemma3-270m --quick                             # short method list
     python examples/benchmark.py --selection --models smollm2-135m --tasks iris \\
         --methods "zero-shot,full,emloc,emloc[probe=future;protect=extra],random@emloc"  # choose options on seed 100
+    python examples/benchmark.py --models smollm2-135m --seeds 1,2 --quick --add          # new methods on old splits
     python examples/benchmark.py --report-only                                            # report.md, results.json, plots
     python examples/benchmark.py --report-only --scaling                                  # only the scaling figures
     make bench BENCH_ARGS="--models smollm2-135m --quick"
@@ -77,8 +79,11 @@ DEFAULT_METHOD = "emloc-query"  # the registered method `build_memory` uses with
 
 SUITE = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default",
          "streamingllm@default", "tova@default", "kvzip@default", "kvzip@emloc", "kvzip@0.1", "kvzip@0.25", "kvzip@0.5",
-         "random@0.1", "random@0.25", "random@0.5", "rices[k=8]", "lora[epochs=5;learning_rate=0.002]"]
-QUICK = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default", "kvzip@default"]
+         "random@0.1", "random@0.25", "random@0.5", "rices[k=8]", "rices[k=16]", "full+retrieve@4", "full+retrieve@8",
+         "full+retrieve@16", "default+retrieve@4", "default+retrieve@8", "default+retrieve@16", "emloc+retrieve@8",
+         "lora[epochs=5;learning_rate=0.002]"]
+QUICK = ["zero-shot", "full", "emloc", "default", "random@emloc", "random@default", "snapkv@default", "kvzip@default",
+         "full+retrieve@4", "full+retrieve@8", "full+retrieve@16", "default+retrieve@8", "rices[k=8]", "rices[k=16]"]
 NO_KEPT_SHARE = ("zero-shot", "lora")  # methods that hold no memory (their kept KV is 0 by definition)
 
 
@@ -127,10 +132,11 @@ def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: 
 
 
 def add_methods(model: str, task: str, out: Path, results: dict, missing: list[str]) -> dict:
-    """Runs `missing` on an existing split — with `full` (the reference of agreement) and the memories they refer to
-    (`X@LABEL`, `LABEL+retrieve@K`), which are rebuilt, not reused — and adds their records to its `results.json`.
-    The records already there are kept: every method is deterministic given the split, so `full` scores the same."""
-    needed = ["full"]
+    """Runs `missing` on an existing split — with `zero-shot` and `full` (latency and agreement references in the
+    same run) and the memories they refer to (`X@LABEL`, `LABEL+retrieve@K`), which are rebuilt, not reused — and adds
+    their records to its `results.json` (the whole run stays in `added/`). The records already there are kept: every
+    method is deterministic given the split."""
+    needed = ["zero-shot", "full"]
     for label in missing:
         spec = evaluate_memory.parse_methods(label)[0]
         base = label.split("+select")[0].split("+retrieve")[0]
@@ -138,17 +144,30 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
             if dependency and dependency not in needed and dependency not in missing:
                 needed.append(dependency)
     started = time.perf_counter()
-    work = out / "added"
+    work = out / f"added-{len(results.get('added', []))}"
     added = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
                                   str(out / "queries.jsonl"), "--methods", ",".join(needed + missing), "--out", str(work),
                                   "--task", task])
     for label in missing:
         results["methods"][label] = added["methods"][label]
-    results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "machine": added.get("machine"),
+    results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "dir": work.name,
+                                            "machine": added.get("machine"),
                                             "date": datetime.date.today().isoformat()})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"[added] {', '.join(missing)} to {out} in {time.perf_counter() - started:.0f} s", flush=True)
     return results
+
+
+def same_run_methods(split_dir: Path, results: dict) -> dict:
+    """For each method of a split, the records of the run that measured it (the split's own, or the `--add` run that
+    added it): its build and latency are compared with that run's `full` and `zero-shot` only."""
+    runs = {label: results["methods"] for label in results["methods"]}
+    for number, added in enumerate(results.get("added", [])):
+        path = split_dir / added.get("dir", "added") / "results.json"
+        if path.exists():
+            methods = json.loads(path.read_text())["methods"]
+            runs.update({label: methods for label in added["methods"]})
+    return runs
 
 
 def screen_verdict(results: dict | None, min_gain: float) -> dict:
@@ -267,9 +286,13 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
     for label in labels:
         records = [(s, s["results"]["methods"].get(label, {})) for s in splits]
         done = [(s, r) for s, r in records if "accuracy" in r]
-        full_builds = {id(s): s["results"]["methods"].get("full", {}).get("build_seconds") for s, _ in done}
+        run = {id(s): s.get("runs", {}).get(label, s["results"]["methods"]) for s, _ in done}  # same-run references
+        full_builds = {id(s): run[id(s)].get("full", {}).get("build_seconds") for s, _ in done}
         build_ratio = [r["build_seconds"] / full_builds[id(s)] for s, r in done
                        if r.get("build_seconds") is not None and full_builds[id(s)]]
+        zero_latency = {id(s): run[id(s)].get("zero-shot", {}).get("query_seconds_mean") for s, _ in done}
+        latency_ratio = [r["query_seconds_mean"] / zero_latency[id(s)] for s, r in done
+                         if r.get("query_seconds_mean") is not None and zero_latency[id(s)]]
         n_done = sum(s["num_queries"] for s, _ in done)
         entry = {
             "accuracy": boot["mean"][label],
@@ -280,6 +303,7 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
             "build_seconds": _mean(r.get("build_seconds") for _, r in done),
             "build_over_full_prefill": _mean(build_ratio),
             "query_seconds_mean": (sum(r["query_seconds_mean"] * s["num_queries"] for s, r in done) / n_done) if n_done else None,
+            "query_over_zero_shot": _mean(latency_ratio),  # per split, against zero-shot in the same run
             "num_queries": n_done,
             "num_splits": len(done),
             "errors": [{"seed": s["seed"], "error": r["error"]} for s, r in records if "error" in r],
@@ -323,7 +347,8 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
         gains = [(p.get("retained_gain") or {}).get("estimate") for p in per_task]
         entry = {"accuracy": boot["mean"][label], "tasks": kept_tasks,
                  **{key: _mean(p.get(key) for p in per_task) for key in
-                    ("agreement", "mean_js", "kept_ratio", "build_seconds", "build_over_full_prefill", "query_seconds_mean")},
+                    ("agreement", "mean_js", "kept_ratio", "build_seconds", "build_over_full_prefill", "query_seconds_mean",
+                     "query_over_zero_shot")},
                  "retained_gain": _mean(gains) if all(g is not None for g in gains) else None}
         if (label, "full") in contrasts:
             entry["vs_full"] = boot["diff"][f"{label}-full"]
@@ -355,7 +380,8 @@ def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | Non
                 results = json.loads((split_dir / "results.json").read_text())
                 answers = load_answers(split_dir, results)
                 splits.append({"seed": seed, "dir": split_dir.relative_to(out).as_posix(), "results": results,
-                               "num_queries": len(answers), "per_query": per_query(results, answers)})
+                               "num_queries": len(answers), "per_query": per_query(results, answers),
+                               "runs": same_run_methods(split_dir, results)})
             if not splits and screen["verdict"] == "not screened":
                 continue
             if split_prefix == "seed" and not screen["kept"]:
@@ -495,13 +521,15 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
         if comparators:
             lines += ["", "Random baselines used: " + ", ".join(f"`{c}`" for c in comparators) + "."]
         lines += ["", "### Cost and fidelity (means over tasks)", "",
-                  "| method | mean JS to full | build s | build ÷ one full prefill | s / query |", "|---|---|---|---|---|"]
+                  "| method | mean JS to full | build s | build ÷ one full prefill | s / query | s / query ÷ zero-shot |",
+                  "|---|---|---|---|---|---|"]
         for label in labels:
             per_task = [data["tasks"][t]["methods"].get(label) or {} for t in tasks]
             row = {k: _mean(p.get(k) for p in per_task) for k in ("mean_js", "build_seconds", "build_over_full_prefill",
-                                                                 "query_seconds_mean")}
+                                                                 "query_seconds_mean", "query_over_zero_shot")}
             lines.append(f"| `{label}` | {_num(row['mean_js'], '{:.4f}')} | {_num(row['build_seconds'], '{:.1f}')} | "
-                         f"{_num(row['build_over_full_prefill'], '{:.1f}')} | {_num(row['query_seconds_mean'])} |")
+                         f"{_num(row['build_over_full_prefill'], '{:.1f}')} | {_num(row['query_seconds_mean'])} | "
+                         f"{_num(row['query_over_zero_shot'], '{:.2f}')} |")
         lines += ["", f"![accuracy against kept KV, {model}](accuracy_vs_kept_{model}.png)", ""]
         for task in tasks:
             recorded = data["tasks"][task]["methods"].get("default", {}).get("memory_method")

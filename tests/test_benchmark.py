@@ -181,4 +181,8 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
         assert after["methods"][label]["retrieve"] == 2 and len(after["methods"][label]["predictions"]) == 5
         assert added["models"]["tiny-llama"]["tasks"]["iris"]["methods"][label]["num_queries"] == 10
     assert after["added"][0]["methods"] == ["full+retrieve@2", "default+retrieve@2"]
-    assert after["added"][0]["rebuilt"] == ["full", "default"]
+    assert after["added"][0]["rebuilt"] == ["zero-shot", "full", "default"]
+    assert (split / after["added"][0]["dir"] / "results.json").exists()
+    pooled = added["models"]["tiny-llama"]["tasks"]["iris"]["methods"]["default+retrieve@2"]
+    assert pooled["query_over_zero_shot"] > 0 and pooled["build_over_full_prefill"] > 0  # against the same run's
+    assert "s / query ÷ zero-shot" in (tmp_path / "bench" / "report.md").read_text()

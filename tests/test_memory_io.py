@@ -46,6 +46,8 @@ def test_memory_config_and_card(llama_memory, tmp_path):
     card = (path / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card and "- emloc" in card
     assert "load_memory" in card and "emloc" in card
+    assert config["format_version"] == 2 and config["retrieval"]["num_demos"] == memory.retrieval.num_demos
+    assert "retrieve=8" in card  # the memory has a retrieval index: the card shows how to use it
     # nothing in a memory directory is a pickle
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
 
