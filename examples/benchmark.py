@@ -212,6 +212,12 @@ def random_comparator(label: str) -> str | None:
     return f"random@{label}" if is_memory_label(label) else None
 
 
+def rices_comparator(label: str) -> str | None:
+    """RICES with the same number of demonstrations as a retrieval label (`default+retrieve@8` → `rices[k=8]`)."""
+    match = re.search(r"\+retrieve@(\d+)$", label)
+    return f"rices[k={match.group(1)}]" if match else None
+
+
 def load_answers(split_dir: Path, results: dict) -> list[str]:
     if "answers" in results:
         return results["answers"]
@@ -278,6 +284,8 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
             for other in labels:
                 if other != label and other.endswith(f"@{label}"):
                     contrasts.add((label, other))
+        if rices_comparator(label) in correct:
+            contrasts.add((label, rices_comparator(label)))
         if "zero-shot" in correct and "full" in correct and label not in ("zero-shot", "full"):
             ratios.append(label)
     boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, resamples=resamples, seed=seed,
@@ -319,6 +327,8 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
                       if a == label and other.endswith(f"@{label}")}
         if same_share:
             entry["vs_same_share"] = same_share
+        if (label, rices_comparator(label)) in contrasts:
+            entry["vs_rices"] = {"against": rices_comparator(label), **boot["diff"][f"{label}-{rices_comparator(label)}"]}
         names = {r.get("memory_stats", {}).get("method", {}).get("name") for _, r in done} - {None}
         if names:
             entry["memory_method"] = sorted(names)
@@ -520,6 +530,17 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
                               for e in data["tasks"][t]["methods"].values()} - {None})
         if comparators:
             lines += ["", "Random baselines used: " + ", ".join(f"`{c}`" for c in comparators) + "."]
+        retrieval = [label for label in labels if any("vs_rices" in (data["tasks"][t]["methods"].get(label) or {})
+                                                       for t in tasks)]
+        if retrieval:
+            lines += ["", "### Retrieval inside the memory against RICES with as many demonstrations (paired Δ, 95 % CI)", "",
+                      "| method | " + " | ".join(f"{t}: Δ vs RICES" for t in tasks) + " |",
+                      "|---|" + "---|" * len(tasks)]
+            for label in retrieval:
+                cells = [_ci((data["tasks"][t]["methods"].get(label) or {}).get("vs_rices"), signed=True) for t in tasks]
+                against = next((data["tasks"][t]["methods"][label]["vs_rices"]["against"] for t in tasks
+                                if "vs_rices" in (data["tasks"][t]["methods"].get(label) or {})), "")
+                lines.append(f"| `{label}` (vs `{against}`) | " + " | ".join(cells) + " |")
         lines += ["", "### Cost and fidelity (means over tasks)", "",
                   "| method | mean JS to full | build s | build ÷ one full prefill | s / query | s / query ÷ zero-shot |",
                   "|---|---|---|---|---|---|"]

@@ -532,7 +532,7 @@ def evaluate(args) -> dict:
                 record.update(build_seconds=stats["train_seconds"], kept_ratio=0.0, lora=stats)
             else:
                 raise ValueError(f"unknown method {spec.name!r}")
-            plain_full = spec.name == "full" and spec.select is None and spec.retrieve is None
+            plain_full = spec.name == "full" and spec.select is None and spec.retrieve is None and not spec.params
             if plain_full:
                 full_scores = scores
             record.update(summarise(queries, scores, latencies, None if plain_full else full_scores, metrics))

@@ -42,6 +42,7 @@ SUITE = {  # label: (accuracy, kept share, build seconds, recorded method)
     "default": (0.75, 0.2, 10.0, "emloc"), "random@emloc": (0.45, 0.2, 2.0), "random@default": (0.45, 0.2, 2.0),
     "kvzip@default": (0.6, 0.2, 5.0), "kvzip@0.1": (0.5, 0.1, 5.0), "random@0.1": (0.35, 0.1, 2.0),
     "lora[epochs=5;learning_rate=0.002]": (0.7, 0.0, 30.0),
+    "rices[k=8]": (0.7, 0.1, 0.0), "full+retrieve@8": (0.85, 1.0, 2.0),
 }
 
 
@@ -73,6 +74,13 @@ def test_pooled_numbers_and_comparators(synthetic):
     out, splits = synthetic
     saved = json.loads((out / "results.json").read_text())
     iris = saved["models"]["smollm2-135m"]["tasks"]["iris"]
+    # retrieval is compared, query by query, with RICES over as many demonstrations
+    versus = iris["methods"]["full+retrieve@8"]["vs_rices"]
+    correct = {label: np.concatenate([np.array(splits[seed][0][label]["predictions"]) == np.array(splits[seed][1])
+                                      for seed in (0, 1)]) for label in ("full+retrieve@8", "rices[k=8]")}
+    assert versus["against"] == "rices[k=8]"
+    assert versus["estimate"] == pytest.approx(correct["full+retrieve@8"].mean() - correct["rices[k=8]"].mean())
+    assert "against RICES" in (out / "report.md").read_text()
     assert iris["num_queries"] == 120 and [s["seed"] for s in iris["splits"]] == [0, 1]
     methods = iris["methods"]
     correct = {label: np.concatenate([[p == a for p, a in zip(splits[s][0][label]["predictions"], splits[s][1])]
@@ -186,3 +194,4 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     pooled = added["models"]["tiny-llama"]["tasks"]["iris"]["methods"]["default+retrieve@2"]
     assert pooled["query_over_zero_shot"] > 0 and pooled["build_over_full_prefill"] > 0  # against the same run's
     assert "s / query ÷ zero-shot" in (tmp_path / "bench" / "report.md").read_text()
+    assert benchmark.rices_comparator("default+retrieve@8") == "rices[k=8]" and benchmark.rices_comparator("full") is None

@@ -90,6 +90,10 @@ def test_generation_keeps_the_retrieved_view(tiny):
     out = model.generate(**batch, memory=memory, retrieve=2, max_new_tokens=5, do_sample=False)
     expected = model.generate(**batch, memory=_restricted(memory, chosen), max_new_tokens=5, do_sample=False)
     assert torch.equal(out, expected)
+    # beams reorder and repeat each row's own view of the memory with it
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert torch.equal(model.generate(**batch, memory=memory, retrieve=2, **beams),
+                       model.generate(**batch, memory=_restricted(memory, chosen), **beams))
 
 
 def test_selection_chooses_within_the_retrieved_tokens(tiny):
