@@ -7,7 +7,9 @@ scikit-learn copy of Fisher's data) from 90 demonstrations. The demo compares, o
 * full context         all demonstrations as an uncompressed prefix cache;
 * EMLoC (paper)        the demonstrations compressed chunk by chunk under a Jensen-Shannon bound (paper defaults);
 * emloc default        `build_memory` with no method: the paper's rule probed with unseen demonstrations and judged
-                       on the choices (`emloc-query`, README "Why this default").
+                       on the choices (`emloc-query`, README "Why this default");
+* default + retrieve=8 the same memory, each query attending only to its 8 nearest demonstrations' kept tokens
+                       (retrieval inside the memory, README).
 
     python examples/demo.py [--demos 90] [--queries 40] [--task iris] [--out results/demo]
 
@@ -29,10 +31,10 @@ from offline_models import emloc_repo_dir  # noqa: E402
 from tasks import TASKS, make_task  # noqa: E402
 
 
-def accuracy_and_time(model, processor, queries, memory):
+def accuracy_and_time(model, processor, queries, memory, **options):
     """Scores every query's choices; returns (predictions, accuracy, seconds per query)."""
     started = time.perf_counter()
-    scores = model.score_choices(queries, memory=memory, processor=processor)
+    scores = model.score_choices(queries, memory=memory, processor=processor, **options)
     seconds = (time.perf_counter() - started) / len(queries)
     predictions = [q["choices"][max(range(len(s)), key=s.__getitem__)] for q, s in zip(queries, scores)]
     accuracy = sum(p == q["answer"] for p, q in zip(predictions, queries)) / len(queries)
@@ -79,6 +81,9 @@ def main() -> None:
         agreement = sum(a == b for a, b in zip(predictions, full_predictions)) / len(queries)
         rows.append((name, accuracy, agreement, memory.stats["totals"]["kept_ratio"], build, seconds))
         memories[name] = memory
+    predictions, accuracy, seconds = accuracy_and_time(model, processor, queries, memory, retrieve=8)
+    agreement = sum(a == b for a, b in zip(predictions, full_predictions)) / len(queries)
+    rows.append(("+ retrieve=8", accuracy, agreement, memory.stats["totals"]["kept_ratio"], None, seconds))
     saved = memory.save_pretrained(args.out)  # the default's
 
     print(f"\n{'method':<15} {'accuracy':>8} {'agrees w/ full':>14} {'kept KV':>8} {'build s':>8} {'s/query':>8}")
