@@ -186,14 +186,7 @@ def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
     """The previous chunk's decisions come back from the checkpoint, so a resumed build reuses what an unbroken one
     does."""
 
-    class Stop(Exception):
-        pass
-
-    def stop_after(chunks):
-        def progress(done, total):
-            if done == chunks:
-                raise Stop
-        return progress
+    from test_build_checkpoint import Stop, _stop_after as stop_after
 
     model, processor, _ = tiny("llama")
     demos, params = demos_for("llama", 8), {"method": "emloc", "delta": 1e9, "reuse": "verify", "chunk_size": 2}
