@@ -198,3 +198,46 @@ def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
     for a, b in zip(resumed.layers, unbroken.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
         torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2-vl"])
+@pytest.mark.parametrize("positions", ["answer", "first"])
+def test_rerunning_only_the_scored_positions_is_exact_where_nothing_below_changes(tiny, family, positions):
+    """`rerun="scored"` against the paper's whole-row rerun: the same JS at the top layer (a layer's own pruning does not
+    change the keys and values it is given), zero JS with nothing pruned from any layer, and a different (cheaper)
+    computation below the top once layers above are pruned."""
+    from modeling_emloc import MemoryBuilder, Probe
+    from processing_emloc import EncodedSpan
+
+    model, processor, _ = tiny(family)
+    builder = MemoryBuilder(model, processor, EmlocMethod(), chunk_size=2, pool_width=5)
+    builder.context = processor.encode_context(demos_for(family, 5))
+    memory = model._empty_memory()
+    chunk = model._prefill_chunk(memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos[:2]]))
+    rows = builder.context.demos[2:5]
+    whole = Probe(builder, memory, chunk, rows, positions=positions)
+    scored = Probe(builder, memory, chunk, rows, positions=positions, rerun="scored")
+    torch.testing.assert_close(scored.reference, whole.reference)
+    answers = chunk.token_types == ANSWER
+    top = model.family.num_layers - 1
+    for ratio in (0.1, 0.5):
+        kept = {top: top_tokens(whole.importance[top], ratio, answers)}
+        assert scored.divergence(top, kept) == pytest.approx(whole.divergence(top, kept), abs=1e-6)
+    for layer in range(top + 1):
+        assert scored.divergence(layer, {}) == pytest.approx(0.0, abs=1e-6)
+    pruned = {layer: top_tokens(whole.importance[layer], 0.1, answers) for layer in range(top + 1)}
+    assert scored.divergence(0, pruned) > 0 and whole.divergence(0, pruned) > 0
+
+
+def test_a_scored_rerun_build_records_the_option_and_decides_the_first_top_layer_as_the_paper(tiny):
+    model, processor, _ = tiny("llama")
+    paper = _build(model, processor, delta=0.002)
+    scored = _build(model, processor, delta=0.002, rerun="scored")
+    assert scored.stats["method"]["params"]["rerun"] == "scored" and "rerun" not in paper.stats["method"]["params"]
+    first_paper, first_scored = paper.stats["build"]["chunks"][0], scored.stats["build"]["chunks"][0]
+    assert first_scored["ratios"][-1] == first_paper["ratios"][-1]
+    assert first_scored["js"][-1] == pytest.approx(first_paper["js"][-1], abs=1e-6)
+    for chunk in scored.stats["build"]["chunks"]:
+        assert all(js <= 0.002 for js, ratio in zip(chunk["js"], chunk["ratios"]) if ratio < 1.0)
+    with pytest.raises(ValueError, match="rerun must be one of"):
+        EmlocMethod(rerun="some")

@@ -213,6 +213,7 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     # the default is the paper's rule with options the implementation before already had as `method="emloc"` options
     params = dict(method["params"])
     assert params.pop("reuse") == "none"  # the implementation before had no reuse option: it searched every chunk
+    assert params.pop("rerun") == "rows"  # nor a rerun option: it reran whole probe rows
     refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
