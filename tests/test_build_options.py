@@ -204,8 +204,8 @@ def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
 @pytest.mark.parametrize("positions", ["answer", "first"])
 def test_rerunning_only_the_scored_positions_is_exact_where_nothing_below_changes(tiny, family, positions):
     """`rerun="scored"` against the paper's whole-row rerun: the same JS at the top layer (a layer's own pruning does not
-    change the keys and values it is given), zero JS with nothing pruned from any layer, and a different (cheaper)
-    computation below the top once layers above are pruned."""
+    change the keys and values it is given), zero JS with nothing pruned from any layer, and a divergence it still sees
+    when every layer is pruned (there it leaves out the rows' other tokens, so it may differ from the whole rows')."""
     from modeling_emloc import MemoryBuilder, Probe
     from processing_emloc import EncodedSpan
 
