@@ -725,7 +725,7 @@ class Probe:
         observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
         cache = EmlocCache(memory_prefix(memory, [chunk.kept(l, None) for l in range(family.num_layers)]), batch["input_ids"].shape[0])
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
-        self.reference = torch.log_softmax(self._logits(hidden).float(), dim=-1)
+        self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
         if rerun == "scored":
             self._freeze_rows(cache)
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
@@ -738,9 +738,9 @@ class Probe:
         self.importance = importance
         self.passes = self.evaluations = 0  # layer passes of the probe, and candidate evaluations
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits at the scored positions `[num_scored, vocab or num_choices]`."""
-        logits = self.builder.family.logits(hidden[self.predicting])
+    def _logits(self, scored_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[num_scored, vocab or num_choices]` from the hidden states at the scored positions `[num_scored, hidden]`."""
+        logits = self.builder.family.logits(scored_hidden)
         return logits if self.choice_ids is None else logits[:, self.choice_ids]
 
     def _freeze_rows(self, cache: EmlocCache) -> None:
@@ -753,6 +753,11 @@ class Probe:
         self.scored = (rows, columns)
         self.frozen_positions = self.segment.text_positions[earlier_rows, earlier_columns][None]
         self.frozen_segments = torch.arange(len(rows), device=device).repeat_interleave(columns)[None]
+        # the scored positions as one row, each its own segment; only their hidden states depend on the restart layer
+        self.scored_segment = Segment(None, self.segment.rope_positions[..., rows, columns][..., None, :],
+                                      self.segment.text_positions[rows, columns][None],
+                                      torch.ones_like(rows, dtype=torch.bool)[None],
+                                      segments=torch.arange(len(rows), device=device)[None])
         self.frozen_kv = []
         for layer in range(self.builder.family.num_layers):
             keys, values = cache.new_kv(layer)  # [batch, kv_heads, seq, head_dim]
@@ -772,21 +777,18 @@ class Probe:
         if self.rerun == "scored":
             rows, columns = self.scored
             cache = EmlocCache(prefix, 1)
-            frozen = torch.ones_like(self.frozen_positions, dtype=torch.bool)
-            cache.add_tokens(self.frozen_positions, frozen, segments=self.frozen_segments)
+            cache.add_tokens(self.frozen_positions, torch.ones_like(self.frozen_positions, dtype=torch.bool),
+                             segments=self.frozen_segments)
             for layer in range(start_layer, family.num_layers):
                 cache.layers[layer].update(*self.frozen_kv[layer])
-            segment = Segment(self.entering[start_layer][rows, columns][None], self.segment.rope_positions[..., rows, columns][..., None, :],
-                              self.segment.text_positions[rows, columns][None], torch.ones_like(rows, dtype=torch.bool)[None],
-                              segments=torch.arange(len(rows), device=rows.device)[None])
+            segment = dataclasses.replace(self.scored_segment, hidden=self.entering[start_layer][rows, columns][None])
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
-            logits = family.logits(hidden[0])
-            logits = logits if self.choice_ids is None else logits[:, self.choice_ids]
+            logits = self._logits(hidden[0])
         else:
             cache = EmlocCache(prefix, self.segment.hidden.shape[0])
-            segment = Segment(self.entering[start_layer], self.segment.rope_positions, self.segment.text_positions, self.segment.valid)
+            segment = dataclasses.replace(self.segment, hidden=self.entering[start_layer])
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
-            logits = self._logits(hidden)
+            logits = self._logits(hidden[self.predicting])
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
         return js_divergence(logits, self.reference).mean().item()

@@ -69,6 +69,10 @@ def main() -> None:
     full = model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos))
     full_build = time.perf_counter() - started
     full_predictions, full_accuracy, full_seconds = accuracy_and_time(model, processor, queries, full)
+
+    def agrees_with_full(predictions) -> float:
+        return sum(a == b for a, b in zip(predictions, full_predictions)) / len(queries)
+
     rows.append(("full context", full_accuracy, 1.0, 1.0, full_build, full_seconds))
 
     # the paper's rule at its defaults, then the library's default (`build_memory` with no method: "emloc-query")
@@ -78,12 +82,10 @@ def main() -> None:
         memory = model.build_memory(demos, processor=processor, progress=True, **kwargs)
         build = time.perf_counter() - started
         predictions, accuracy, seconds = accuracy_and_time(model, processor, queries, memory)
-        agreement = sum(a == b for a, b in zip(predictions, full_predictions)) / len(queries)
-        rows.append((name, accuracy, agreement, memory.stats["totals"]["kept_ratio"], build, seconds))
+        rows.append((name, accuracy, agrees_with_full(predictions), memory.stats["totals"]["kept_ratio"], build, seconds))
         memories[name] = memory
     predictions, accuracy, seconds = accuracy_and_time(model, processor, queries, memory, retrieve=8)
-    agreement = sum(a == b for a, b in zip(predictions, full_predictions)) / len(queries)
-    rows.append(("+ retrieve=8", accuracy, agreement, memory.stats["totals"]["kept_ratio"], None, seconds))
+    rows.append(("+ retrieve=8", accuracy, agrees_with_full(predictions), memory.stats["totals"]["kept_ratio"], None, seconds))
     saved = memory.save_pretrained(args.out)  # the default's
 
     print(f"\n{'method':<15} {'accuracy':>8} {'agrees w/ full':>14} {'kept KV':>8} {'build s':>8} {'s/query':>8}")

@@ -23,6 +23,19 @@ def _chunks(processor, family, count, chunk_size):
     return chunks
 
 
+def _first_chunk_and_probe_rows(model, processor, family, count):
+    """A builder over `count` demonstrations, the empty memory, the first chunk (prefix + two demonstrations) prefilled on
+    it, and the remaining demonstrations as probe rows."""
+    from modeling_emloc import MemoryBuilder
+    from processing_emloc import EncodedSpan
+
+    builder = MemoryBuilder(model, processor, EmlocMethod(), chunk_size=2, pool_width=5)
+    builder.context = processor.encode_context(demos_for(family, count))
+    memory = model._empty_memory()
+    chunk = model._prefill_chunk(memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos[:2]]))
+    return builder, memory, chunk, builder.context.demos[2:count]
+
+
 def test_protected_extra_counts_the_ratio_over_the_other_tokens():
     importance = torch.rand(2, 50)
     must_keep = torch.zeros(50, dtype=torch.bool)
@@ -61,17 +74,10 @@ def test_future_probe_uses_demonstrations_no_memory_has_seen():
 
 
 def test_first_position_scores_one_position_per_probe_row(tiny):
-    from modeling_emloc import MemoryBuilder, Probe
+    from modeling_emloc import Probe
 
     model, processor, _ = tiny("llama")
-    method = EmlocMethod()
-    builder = MemoryBuilder(model, processor, method, chunk_size=2, pool_width=5)
-    builder.context = processor.encode_context(demos_for("llama", 4))
-    memory = model._empty_memory()
-    from processing_emloc import EncodedSpan
-
-    chunk = model._prefill_chunk(memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos[:2]]))
-    rows = builder.context.demos[2:4]
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "llama", 4)
     every = Probe(builder, memory, chunk, rows, positions="answer")
     first = Probe(builder, memory, chunk, rows, positions="first")
     assert first.predicting.sum(dim=1).tolist() == [1, 1]
@@ -206,15 +212,10 @@ def test_rerunning_only_the_scored_positions_is_exact_where_nothing_below_change
     """`rerun="scored"` against the paper's whole-row rerun: the same JS at the top layer (a layer's own pruning does not
     change the keys and values it is given), zero JS with nothing pruned from any layer, and a divergence it still sees
     when every layer is pruned (there it leaves out the rows' other tokens, so it may differ from the whole rows')."""
-    from modeling_emloc import MemoryBuilder, Probe
-    from processing_emloc import EncodedSpan
+    from modeling_emloc import Probe
 
     model, processor, _ = tiny(family)
-    builder = MemoryBuilder(model, processor, EmlocMethod(), chunk_size=2, pool_width=5)
-    builder.context = processor.encode_context(demos_for(family, 5))
-    memory = model._empty_memory()
-    chunk = model._prefill_chunk(memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos[:2]]))
-    rows = builder.context.demos[2:5]
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, family, 5)
     whole = Probe(builder, memory, chunk, rows, positions=positions)
     scored = Probe(builder, memory, chunk, rows, positions=positions, rerun="scored")
     torch.testing.assert_close(scored.reference, whole.reference)
