@@ -321,8 +321,11 @@ class EmlocCache(DynamicCache):
     """
 
     def __init__(self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], batch_size: int,
-                 start_position: int = 0):
+                 start_position: int = 0, window_shift: int = 0):
         layers = []
+        # sliding windows cut the prefix as for tokens `window_shift` positions further on (a build's probe rows see
+        # a chunk the way the queries after the whole context will); 0 everywhere else
+        self.window_shift = int(window_shift)
         self.prefix_positions: list[torch.Tensor | None] = []
         for entry in prefix:
             if entry is None:  # a layer the pass does not run
@@ -395,7 +398,7 @@ class EmlocCache(DynamicCache):
         # per KV head: each head kept its own tokens, so the window (and a selection) cuts each head differently
         prefix_part = torch.ones(self.rows, positions.shape[1], num_new, positions.shape[2], dtype=torch.bool, device=new_part.device)
         if sliding_window is not None:
-            prefix_part = prefix_part & (positions[:, :, None, :] > query_positions[:, None, :, None] - sliding_window)
+            prefix_part = prefix_part & (positions[:, :, None, :] > query_positions[:, None, :, None] + self.window_shift - sliding_window)
         if keep is not None:
             prefix_part = prefix_part & keep[:, :, None, :]
         prefix_part = prefix_part.repeat_interleave(num_groups, dim=1)
@@ -716,14 +719,21 @@ class Probe:
     """
 
     def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan],
-                 positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows"):
+                 positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows",
+                 start_position: int | None = None, window_position: int | None = None):
         self.builder, self.memory, self.chunk, self.rerun = builder, memory, chunk, rerun
         family = builder.family
         batch, self.predicting = answer_rows(builder.processor, rows, positions)
         self.choice_ids = None if choice_ids is None else choice_ids.to(builder.model.model.device)
-        self.segment = builder.model._segment(batch, start_position=chunk.next_position)
+        # right after the chunk (the paper), or further on (`probe_at="end"`: where the queries will be); the gap
+        # between the chunk and the rows is empty, like the gaps a pruned memory leaves
+        start_position = chunk.next_position if start_position is None else max(start_position, chunk.next_position)
+        self.segment = builder.model._segment(batch, start_position=start_position)
+        # `sliding="query"`: in sliding-window layers the rows see the prefix as a query at `window_position` would
+        self.window_shift = 0 if window_position is None else max(0, window_position - start_position)
         observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
-        cache = EmlocCache(memory_prefix(memory, [chunk.kept(l, None) for l in range(family.num_layers)]), batch["input_ids"].shape[0])
+        cache = EmlocCache(memory_prefix(memory, [chunk.kept(l, None) for l in range(family.num_layers)]), batch["input_ids"].shape[0],
+                           window_shift=self.window_shift)
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
         self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
         if rerun == "scored":
@@ -776,7 +786,7 @@ class Probe:
         prefix = memory_prefix(self.memory, extra, from_layer=start_layer)
         if self.rerun == "scored":
             rows, columns = self.scored
-            cache = EmlocCache(prefix, 1)
+            cache = EmlocCache(prefix, 1, window_shift=self.window_shift)
             cache.add_tokens(self.frozen_positions, torch.ones_like(self.frozen_positions, dtype=torch.bool),
                              segments=self.frozen_segments)
             for layer in range(start_layer, family.num_layers):
@@ -785,7 +795,7 @@ class Probe:
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
             logits = self._logits(hidden[0])
         else:
-            cache = EmlocCache(prefix, self.segment.hidden.shape[0])
+            cache = EmlocCache(prefix, self.segment.hidden.shape[0], window_shift=self.window_shift)
             segment = dataclasses.replace(self.segment, hidden=self.entering[start_layer])
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
             logits = self._logits(hidden[self.predicting])
@@ -956,6 +966,16 @@ class EmlocMethod(CompressionMethod):
             the rows' other tokens (kept from the reference pass). Exact at the top layer; below it leaves out how the
             pruning changes the rows' other tokens, for passes over a few positions instead of whole rows. Measured
             (README, "Why this default"): a third of the build time, but the bound then passes too easily.
+        probe_at: where the probe rows sit. `"chunk"` (the paper): right after the chunk; `"end"`: where the queries
+            will start, estimated from the demonstrations' mean length so far, so that the rows see the chunk from the
+            distance a query does. With sliding-window layers (Gemma 3) this decides what a query sees: a chunk far
+            from the end reaches a query only through the global layers, while rows right after it also read it
+            through the sliding ones, which hides what pruning the global layers costs.
+        sliding: in sliding-window layers, what the probe rows see of the memory and the chunk. `"probe"` (the
+            paper): what their own positions let them see; `"query"`: what a query after the whole context will see
+            (estimated as for `probe_at="end"`), while the rows keep their positions for everything else. A chunk far
+            from the end then reaches the rows only through the global layers, as it reaches a query. No effect on a
+            model without sliding windows.
     """
 
     name: ClassVar[str] = "emloc"
@@ -972,16 +992,20 @@ class EmlocMethod(CompressionMethod):
     budget: float | None = None
     reuse: str = "none"
     rerun: str = "rows"
+    probe_at: str = "chunk"
+    sliding: str = "probe"
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid",
-             "reuse": "none", "rerun": "rows"}
+             "reuse": "none", "rerun": "rows", "probe_at": "chunk",
+             "sliding": "probe"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
                    "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
-                   "rerun": ("rows", "scored")}
+                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"),
+                   "sliding": ("probe", "query")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -997,7 +1021,7 @@ class EmlocMethod(CompressionMethod):
         params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
         if self.probe != "self":
             params["probe_size"] = self.probe_size
-        for option in ("protect", "positions", "over", "layer_group", "reuse", "rerun"):
+        for option in ("protect", "positions", "over", "layer_group", "reuse", "rerun", "probe_at", "sliding"):
             if getattr(self, option) != self.PAPER[option]:
                 params[option] = getattr(self, option)
         if self.search != "grid":
@@ -1039,7 +1063,9 @@ class EmlocMethod(CompressionMethod):
         # a distribution over the choices is the decision at the first answer token; later positions continue a choice
         positions = "first" if choice_ids is not None else self.positions
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
-                      choice_ids=choice_ids, rerun=self.rerun)
+                      choice_ids=choice_ids, rerun=self.rerun,
+                      start_position=builder.query_position(chunk, chunk_demos) if self.probe_at == "end" else None,
+                      window_position=builder.query_position(chunk, chunk_demos) if self.sliding == "query" else None)
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers
@@ -1143,20 +1169,25 @@ class EmlocQueryMethod(EmlocMethod):
     chunk is judged on how it answers new rows, not on recalling its own copy), and the divergence is taken over the
     choices at the position that decides the answer (`over="choices"`: deterministic continuation tokens no longer
     dilute it). Two such rows probe each chunk (`probe_size=2`): on the selection split they agreed with the full
-    context as often as four and built in 0.7 of the time. Every option of `EmlocMethod` can still be overridden.
+    context as often as four and built in 0.7 of the time. In sliding-window layers the rows see what a query after
+    the whole context will see (`sliding="query"`): on Gemma 3, rows right after a chunk read it through the sliding
+    layers, which no later query does, and pruning the global layers went unnoticed. Without sliding windows (Llama,
+    Qwen2-VL) that option changes nothing. Every option of `EmlocMethod` can still be overridden.
     """
 
     name: ClassVar[str] = "emloc-query"
     probe: str = "future"
     probe_size: int = 2
     over: str = "choices"
+    sliding: str = "query"
 
     def params(self) -> dict:
         """Every option, so that a memory says exactly which rule made it."""
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
                 "protect": self.protect, "positions": self.positions, "over": self.over,
                 "layer_group": self.layer_group, "search": self.search, "budget": self.budget, "reuse": self.reuse,
-                "rerun": self.rerun}
+                "rerun": self.rerun, "probe_at": self.probe_at,
+                "sliding": self.sliding}
 
 
 class MemoryBuilder:
@@ -1181,6 +1212,7 @@ class MemoryBuilder:
         self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
         self.checkpoint_dir = checkpoint_dir
         self.context = None
+        self.start_position = 0  # the memory's next position when the build began
         self.chunk_stats: list[dict] = []
 
     @torch.no_grad()
@@ -1192,6 +1224,7 @@ class MemoryBuilder:
         chunks = [list(range(i, min(i + self.chunk_size, num_demos))) for i in range(0, num_demos, self.chunk_size)]
         # a memory of its own over `append_to`'s tensors: growing it never writes into the memory the user gave
         memory = TaskMemory(list(append_to.layers), append_to.next_position) if append_to is not None else self.model._empty_memory()
+        self.start_position = memory.next_position
         chunk_stats, full_types, spent_before = [], [], 0.0
         self.chunk_stats = chunk_stats  # what methods may read of the chunks before (`reuse`); restored on resume
         checkpoint = None
@@ -1234,6 +1267,13 @@ class MemoryBuilder:
         if self.validate and append_to is None:
             memory.stats["validation"] = self._validate(memory)
         return memory
+
+    def query_position(self, chunk: ChunkState, chunk_demos: list[int]) -> int:
+        """Where the queries will start, estimated after `chunk`: the demonstrations still to come, at the mean
+        length (in positions) of those built so far."""
+        done = max(chunk_demos) + 1
+        per_demo = (chunk.next_position - self.start_position) / done
+        return chunk.next_position + round(per_demo * (len(self.context) - done))
 
     def _build_chunk(self, memory: TaskMemory, demo_indices: list[int], first: bool) -> tuple[list[MemoryLayer], torch.Tensor, dict, int]:
         """Prefills the demonstrations `demo_indices` on top of `memory` and lets the method prune them.

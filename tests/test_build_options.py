@@ -242,3 +242,59 @@ def test_a_scored_rerun_build_records_the_option_and_decides_the_first_top_layer
         assert all(js <= 0.002 for js, ratio in zip(chunk["js"], chunk["ratios"]) if ratio < 1.0)
     with pytest.raises(ValueError, match="rerun must be one of"):
         EmlocMethod(rerun="some")
+
+
+@pytest.mark.parametrize("placement", ["probe_at", "sliding"])
+def test_probe_rows_placed_as_a_query_see_a_distant_chunk_only_through_the_global_layers(tiny, placement):
+    """Rows further than the sliding window from the chunk (`probe_at="end"`: placed there; `sliding="query"`: right
+    after the chunk, but windowed as from there) cannot see it in the sliding layers: pruning those leaves their answers
+    unchanged, while rows right after the chunk (the paper) can; pruning a global layer still changes them."""
+    from modeling_emloc import Probe
+
+    model, processor, _ = tiny("gemma3")
+    sliding = [layer for layer in range(model.family.num_layers) if model.family.sliding_window(layer) is not None]
+    global_layers = [layer for layer in range(model.family.num_layers) if layer not in sliding]
+    assert sliding and global_layers
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "gemma3", 5)
+    far = chunk.next_position + 4 * model.family.sliding_window(sliding[0])
+    near_probe = Probe(builder, memory, chunk, rows)
+    if placement == "probe_at":
+        far_probe = Probe(builder, memory, chunk, rows, start_position=far)
+    else:
+        far_probe = Probe(builder, memory, chunk, rows, window_position=far)
+    first_position = int(far_probe.segment.text_positions[far_probe.segment.valid].min())
+    assert first_position == (far if placement == "probe_at" else chunk.next_position)
+    answers = chunk.token_types == ANSWER
+
+    def prune(probe, layers):
+        return probe.divergence(0, {layer: top_tokens(probe.importance[layer], 0.1, answers) for layer in layers})
+
+    hidden_from_far, seen_near, global_far = prune(far_probe, sliding), prune(near_probe, sliding), prune(far_probe, global_layers)
+    assert hidden_from_far < 1e-6  # float rounding only: the masked keys change the reduction, not the result
+    assert seen_near > 10 * hidden_from_far and global_far > 10 * hidden_from_far
+
+
+@pytest.mark.parametrize("option", [{"probe_at": "end"}, {"sliding": "query"}])
+def test_a_build_probing_as_a_query_records_the_option_and_keeps_every_decision_within_delta(tiny, option):
+    model, processor, _ = tiny("gemma3")
+    memory = _build(model, processor, family="gemma3", count=8, delta=0.002, probe="future", **option)
+    [(name, value)] = option.items()
+    assert memory.stats["method"]["params"][name] == value
+    for chunk in memory.stats["build"]["chunks"]:
+        assert all(js <= 0.002 for js, ratio in zip(chunk["js"], chunk["ratios"]) if ratio < 1.0)
+    assert name not in _build(model, processor, family="gemma3", count=4).stats["method"]["params"]
+    with pytest.raises(ValueError, match=f"{name} must be one of"):
+        EmlocMethod(**{name: "elsewhere"})
+
+
+def test_windowing_the_probe_as_a_query_changes_nothing_without_sliding_windows(tiny):
+    """The default windows its probe rows as a query (`sliding="query"`); on llama, which has no sliding windows, that
+    is the same memory, byte for byte, as the paper's windowing."""
+    model, processor, _ = tiny("llama")
+    assert model.family.sliding_window(0) is None
+    default = model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2)
+    assert default.stats["method"]["params"]["sliding"] == "query"
+    probe = model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2, sliding="probe")
+    for a, b in zip(default.layers, probe.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+        torch.testing.assert_close(a.positions, b.positions, atol=0, rtol=0)

@@ -214,6 +214,8 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     params = dict(method["params"])
     assert params.pop("reuse") == "none"  # the implementation before had no reuse option: it searched every chunk
     assert params.pop("rerun") == "rows"  # nor a rerun option: it reran whole probe rows
+    assert params.pop("probe_at") == "chunk"  # nor probe placement: rows right after the chunk
+    params.pop("sliding")  # nor a sliding-window option, which changes nothing on a model without sliding windows
     refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
