@@ -968,14 +968,14 @@ class EmlocMethod(CompressionMethod):
             (README, "Why this default"): a third of the build time, but the bound then passes too easily.
         probe_at: where the probe rows sit. `"chunk"` (the paper): right after the chunk; `"end"`: where the queries
             will start, estimated from the demonstrations' mean length so far, so that the rows see the chunk from the
-            distance a query does. With sliding-window layers (Gemma 3) this decides what a query sees: a chunk far
-            from the end reaches a query only through the global layers, while rows right after it also read it
-            through the sliding ones, which hides what pruning the global layers costs.
+            distance a query does (in RoPE distance and in sliding windows). Measured (README, "Why this default"):
+            on SmolLM2 the more distant rows let the bound pass too easily; `sliding="query"` keeps only the windows.
         sliding: in sliding-window layers, what the probe rows see of the memory and the chunk. `"probe"` (the
             paper): what their own positions let them see; `"query"`: what a query after the whole context will see
             (estimated as for `probe_at="end"`), while the rows keep their positions for everything else. A chunk far
-            from the end then reaches the rows only through the global layers, as it reaches a query. No effect on a
-            model without sliding windows.
+            from the end then reaches the rows only through the global layers (Gemma 3: one layer in six), as it
+            reaches a query; rows right after it also read it through the sliding layers, which hides what pruning
+            the global layers costs. No effect on a model without sliding windows.
     """
 
     name: ClassVar[str] = "emloc"
@@ -997,15 +997,13 @@ class EmlocMethod(CompressionMethod):
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid",
-             "reuse": "none", "rerun": "rows", "probe_at": "chunk",
-             "sliding": "probe"}
+             "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
                    "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
-                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"),
-                   "sliding": ("probe", "query")}
+                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -1062,10 +1060,11 @@ class EmlocMethod(CompressionMethod):
         choice_ids = self.choice_ids(builder, demos)
         # a distribution over the choices is the decision at the first answer token; later positions continue a choice
         positions = "first" if choice_ids is not None else self.positions
+        query_position = builder.query_position(chunk, chunk_demos)
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
                       choice_ids=choice_ids, rerun=self.rerun,
-                      start_position=builder.query_position(chunk, chunk_demos) if self.probe_at == "end" else None,
-                      window_position=builder.query_position(chunk, chunk_demos) if self.sliding == "query" else None)
+                      start_position=query_position if self.probe_at == "end" else None,
+                      window_position=query_position if self.sliding == "query" else None)
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers
@@ -1186,8 +1185,7 @@ class EmlocQueryMethod(EmlocMethod):
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
                 "protect": self.protect, "positions": self.positions, "over": self.over,
                 "layer_group": self.layer_group, "search": self.search, "budget": self.budget, "reuse": self.reuse,
-                "rerun": self.rerun, "probe_at": self.probe_at,
-                "sliding": self.sliding}
+                "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
 
 
 class MemoryBuilder:
