@@ -1060,7 +1060,8 @@ class EmlocMethod(CompressionMethod):
         choice_ids = self.choice_ids(builder, demos)
         # a distribution over the choices is the decision at the first answer token; later positions continue a choice
         positions = "first" if choice_ids is not None else self.positions
-        query_position = builder.query_position(chunk, chunk_demos)
+        as_query = self.probe_at == "end" or self.sliding == "query"
+        query_position = builder.query_position(chunk, chunk_demos) if as_query else None
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
                       choice_ids=choice_ids, rerun=self.rerun,
                       start_position=query_position if self.probe_at == "end" else None,
