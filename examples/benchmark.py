@@ -5,7 +5,9 @@ intervals. Writes `benchmarks/`.
 Protocol (design §5, issue 9):
   * Tasks: `examples/tasks.py` (scikit-learn's bundled data). For each model a task is *screened* on its own split
     (seed `--screen-seed`, 100) with zero-shot and the full context, and kept only if the full context gains at least
-    `--min-gain` (15 points); the report says which tasks were dropped and why.
+    `--min-gain` (15 points); the report says which tasks were dropped and why. `--keep MODEL/TASK,...` reports a
+    task whatever its screening split shows (a split too small to show the gain the reported seeds show); the
+    report names such tasks "kept by --keep" with the screening gain it overrode.
   * Splits: each reported seed (`--seeds`, 0,1,2,3) draws `--demos` demonstrations (90) and `Q` held-out queries,
     `Q = min(--queries, rows - demos)` (60; iris's 150 rows give 60), so 4 seeds pool 240 scored queries per task and
     model. Every split builds its own memories (`examples/evaluate_memory.py`, one run per split, results in
@@ -170,7 +172,9 @@ def same_run_methods(split_dir: Path, results: dict) -> dict:
     return runs
 
 
-def screen_verdict(results: dict | None, min_gain: float) -> dict:
+def screen_verdict(results: dict | None, min_gain: float, keep: bool = False) -> dict:
+    """Whether a task is reported for a model: the full context gains at least `min_gain` over zero-shot on the
+    screening split, or the task is named in `--keep` (`keep`; the verdict then says which gain it overrode)."""
     if results is None:
         return {"kept": False, "verdict": "not screened"}
     methods = results["methods"]
@@ -179,6 +183,8 @@ def screen_verdict(results: dict | None, min_gain: float) -> dict:
     zero, full = methods["zero-shot"]["accuracy"], methods["full"]["accuracy"]
     kept = full - zero >= min_gain
     verdict = "kept" if kept else f"dropped: the full context gains {full - zero:+.3f} (< {min_gain:.2f})"
+    if keep and not kept:
+        kept, verdict = True, f"kept by --keep: the full context gains {full - zero:+.3f} (< {min_gain:.2f})"
     return {"kept": kept, "zero_shot": zero, "full": full, "gain": full - zero, "verdict": verdict,
             "num_queries": results["num_queries"], "num_demos": results["num_demos"]}
 
@@ -371,14 +377,16 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
 
 def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | None = None,
             preferred: list[str] | None = None, resamples: int = 2000, boot_seed: int = 0,
-            screen_seed: int = SCREEN_SEED) -> dict:
-    """Everything on disk under `out/<model>/<task>/`: screening verdicts and pooled splits (`<split_prefix><seed>`)."""
+            screen_seed: int = SCREEN_SEED, keep: frozenset[str] = frozenset()) -> dict:
+    """Everything on disk under `out/<model>/<task>/`: screening verdicts and pooled splits (`<split_prefix><seed>`);
+    `keep` names `model/task` pairs reported whatever their screening split shows."""
     models = {}
     for model_dir in sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []:
         tasks = {}
         for task_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             screen_path = task_dir / f"screen-seed{screen_seed}" / "results.json"
-            screen = screen_verdict(json.loads(screen_path.read_text()) if screen_path.exists() else None, min_gain)
+            screen = screen_verdict(json.loads(screen_path.read_text()) if screen_path.exists() else None, min_gain,
+                                    keep=f"{model_dir.name}/{task_dir.name}" in keep)
             splits = []
             for split_dir in sorted(task_dir.glob(f"{split_prefix}*"), key=lambda p: p.name):
                 match = re.fullmatch(rf"{re.escape(split_prefix)}(\d+)", split_dir.name)
@@ -457,7 +465,8 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
              "",
              f"Protocol: {args.demos} demonstrations per split, plain rendering, queries scored by their choices; a task "
              f"is kept for a model if the full context beats zero-shot by at least {args.min_gain:.0%} on the "
-             f"screening split (seed {args.screen_seed}, also the option-selection split; never reported). Reported "
+             f"screening split (seed {args.screen_seed}, also the option-selection split; never reported)"
+             f"{' or is named in --keep (' + ', '.join(sorted(args.keep_set)) + ')' if args.keep_set else ''}. Reported "
              f"numbers pool every split of seeds {', '.join(map(str, sorted({s['seed'] for m in models.values() for t in m['tasks'].values() for s in t['splits_data']}))) or '-'}; "
              f"each split builds its own memories. Intervals: 95 % paired bootstrap ({args.bootstrap} resamples, "
              f"seed {args.bootstrap_seed}, queries resampled within their split). `default` is the library's default "
@@ -609,6 +618,7 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
                     for model, data in models.items()}
     (out / "results.json").write_text(json.dumps({
         "protocol": {"demos": args.demos, "max_queries_per_split": args.queries, "min_gain": args.min_gain,
+                     "kept_by_hand": sorted(args.keep_set),
                      "screen_seed": args.screen_seed, "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed,
                                                                     "level": 0.95, "paired": True, "strata": "split"},
                      "default_method": args.default_method},
@@ -801,6 +811,8 @@ def parse_args(argv=None):
     parser.add_argument("--default-method", default=DEFAULT_METHOD,
                         help="the registered method `default` is expected to be (checked against the memories)")
     parser.add_argument("--min-gain", type=float, default=MIN_GAIN, help="screening: full minus zero-shot, at least")
+    parser.add_argument("--keep", default="", help="MODEL/TASK pairs reported whatever their screening split shows "
+                                                   "(comma-separated; the report says which gain each overrode)")
     parser.add_argument("--screen-seed", type=int, default=SCREEN_SEED, help="the screening / option-selection split")
     parser.add_argument("--selection", action="store_true",
                         help="run --methods on the option-selection split (the screening seed) instead of --seeds; "
@@ -815,6 +827,9 @@ def parse_args(argv=None):
     parser.add_argument("--scaling-task", default="digits_text", help="a task with at least 190 rows")
     args = parser.parse_args(argv)
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.keep_set = frozenset(k.strip() for k in args.keep.split(",") if k.strip())
+    if any(k.count("/") != 1 for k in args.keep_set):
+        parser.error(f"--keep takes MODEL/TASK pairs, got {args.keep!r}")
     if args.screen_seed in args.seeds_list:
         parser.error(f"seed {args.screen_seed} is the screening / option-selection split; report other seeds")
     return args
@@ -824,10 +839,10 @@ def report(args, out: Path, preferred: list[str] | None = None) -> None:
     scaling_path = out / "scaling.json"
     scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else None
     models = collect(out, "seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
-                     boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed)
+                     boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed, keep=args.keep_set)
     write_report(out, models, args, scaling=scaling)
     selection = collect(out, f"select-seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
-                        boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed)
+                        boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed, keep=args.keep_set)
     selection = {m: d for m, d in selection.items() if any(t["splits_data"] for t in d["tasks"].values())}
     if selection:
         write_report(out / "selection", selection, args,
@@ -847,7 +862,7 @@ def main(argv=None) -> dict:
                 task_dir = out / key / task
                 screen = run_split(model, task, args.screen_seed, "zero-shot,full", task_dir / f"screen-seed{args.screen_seed}",
                                    args.demos, queries)
-                verdict = screen_verdict(screen, args.min_gain)
+                verdict = screen_verdict(screen, args.min_gain, keep=f"{key}/{task}" in args.keep_set)
                 print(f"[screen] {key}/{task}: {verdict['verdict']}", flush=True)
                 if args.selection and verdict["kept"]:
                     run_split(model, task, args.screen_seed, ",".join(methods), task_dir / f"select-seed{args.screen_seed}",

@@ -131,6 +131,27 @@ def test_dropped_tasks_summary_and_report(synthetic):
     assert "`emloc[probe=future]`" in selection and "not a reported result" in selection
 
 
+def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
+    """`--keep MODEL/TASK` reports a task whatever its screening split shows, and the report says which gain it overrode."""
+    import shutil
+
+    import benchmark
+
+    out = tmp_path / "bench"
+    shutil.copytree(synthetic[0], out)
+    saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300", "--keep", "smollm2-135m/wine"])
+    wine = saved["models"]["smollm2-135m"]["tasks"]["wine"]
+    gain = wine["screen"]["full"] - wine["screen"]["zero_shot"]
+    assert wine["screen"]["kept"] and wine["screen"]["verdict"] == f"kept by --keep: the full context gains {gain:+.3f} (< 0.15)"
+    assert wine["methods"]["default"]["num_queries"] == 50
+    assert saved["models"]["smollm2-135m"]["summary"]["emloc"]["tasks"] == ["digits_text", "iris", "wine"]
+    assert saved["protocol"]["kept_by_hand"] == ["smollm2-135m/wine"]
+    report = (out / "report.md").read_text()
+    assert "or is named in --keep (smollm2-135m/wine)" in report and "kept by --keep: the full context gains" in report
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--keep", "wine"])
+
+
 def test_comparators_and_method_specs():
     import benchmark
     import evaluate_memory
