@@ -482,7 +482,8 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
             per_split = sorted({s["num_queries"] for s in entry["splits"]})
             lines.append(f"| {model} | {task} | {entry['rows'] or '-'} | {'/'.join(map(str, per_split)) or '-'} | "
                          f"{_num(screen.get('zero_shot'))} | {_num(screen.get('full'))} | "
-                         f"{_num(screen.get('gain'), '{:+.3f}')} | {screen['verdict']} | {pooled or '-'} |")
+                         f"{_num(screen.get('gain'), '{:+.3f}')} | {screen['verdict']}"
+                         f"{'; no reported split' if screen['kept'] and not pooled else ''} | {pooled or '-'} |")
             if pooled and pooled < MIN_POOLED_QUERIES:
                 warnings.append(f"{model}/{task}: {pooled} pooled queries (< {MIN_POOLED_QUERIES}); run more seeds")
     lines.append("")

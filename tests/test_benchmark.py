@@ -139,6 +139,8 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
 
     out = tmp_path / "bench"
     shutil.copytree(synthetic[0], out)
+    _write_split(out / "smollm2-135m" / "breast_cancer" / "screen-seed100", 103, 40,  # screened, never run on a seed
+                 {"zero-shot": (0.2, 0.0, 0.0), "full": (0.95, 1.0, 2.0)})
     saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300", "--keep", "smollm2-135m/wine"])
     wine = saved["models"]["smollm2-135m"]["tasks"]["wine"]
     gain = wine["screen"]["full"] - wine["screen"]["zero_shot"]
@@ -148,6 +150,7 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
     assert saved["protocol"]["kept_by_hand"] == ["smollm2-135m/wine"]
     report = (out / "report.md").read_text()
     assert "or is named in --keep (smollm2-135m/wine)" in report and "kept by --keep: the full context gains" in report
+    assert "| kept; no reported split | - |" in report
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--keep", "wine"])
 
