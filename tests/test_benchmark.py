@@ -153,6 +153,7 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
     assert "| kept; no reported split | - |" in report
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--keep", "wine"])
+    assert benchmark.parse_args([]).keep_set == set(benchmark.KEEP) and not benchmark.parse_args(["--keep", ""]).keep_set
 
 
 def test_comparators_and_method_specs():
