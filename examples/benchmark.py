@@ -37,11 +37,17 @@ each split and with `--report-only`:
     python examples/benchmark.py --models smollm2-135m --seeds 1,2 --quick --add          # new methods on old splits
     python examples/benchmark.py --report-only                                            # report.md, results.json, plots
     python examples/benchmark.py --report-only --scaling                                  # only the scaling figures
+    python examples/benchmark.py --report-only --scaling --scaling-sizes 720 --scaling-methods default  # one more point
     make bench BENCH_ARGS="--models smollm2-135m --quick"
 
 The kvpress presses need the side venv (`make kvpress`); without it they are left out (the run says so). kvpress
 0.5.5 refuses KVzip on Gemma 3: those rows read "failed: ... not supported for Gemma3ForCausalLM". A method that
 fails on a split is recorded there and pooled over the splits where it ran (marked `*`).
+
+Scaling (issue 10, `--scaling`): build seconds, build ÷ the `full` prefill of the same size, peak resident memory
+during the build over the loaded model's, kept KV and seconds per query, for `--scaling-methods` (full, the paper's
+rule, the default) at `--scaling-sizes` demonstrations (45, 180, 720) of `--scaling-task`, each build in a fresh
+process; each record lands in `OUT/scaling.json` as soon as it is measured (a rerun replaces it), then `scaling.png`.
 
 Outputs: `OUT/report.md` (per model a table per task, differences, cost; a summary table for the README; targets of
 issue 9 for `default`), `OUT/results.json` (pooled numbers, intervals, pointers to every split), and per model
@@ -606,12 +612,19 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
                              f"[{split['dir']}]({split['results']}) | {failed} |")
     lines.append("")
     if scaling:
-        lines += ["## Scaling (one task, SmolLM2-135M, each build in a fresh process)", "",
-                  "| method | demos | context tokens | build s | peak RSS over baseline (MB) | kept KV (MB) | s/query |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in scaling:
-            lines.append(f"| {row['method']} | {row['num_demos']} | {row['context_tokens']} | {row['build_seconds']:.1f} | "
-                         f"{row['peak_rss_mb_over_baseline']:.0f} | {row['kept_kv_mb']:.1f} | {row['query_seconds_mean']:.3f} |")
+        lines += ["## Scaling (one task, each build in a fresh process)", "",
+                  "`full` is the prefill (in chunks of 45 demonstrations); `default` is `build_memory` with no method. "
+                  "Peak RSS is the resident size sampled during the build, over the loaded model's.", "",
+                  "| model | task | method | demos | context tokens | build s | build ÷ prefill | peak RSS over baseline (MB) "
+                  "| kept KV (MB) | peak ÷ kept KV | s/query |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in scaling_rows(scaling):
+            ratio = f"{row['build_over_prefill']:.1f}×" if row["build_over_prefill"] else "-"
+            over_kept = f"{row['peak_over_kept']:.1f}" if row["peak_over_kept"] else "-"
+            lines.append(f"| {row.get('model', 'smollm2-135m')} | {row['task']} | {row['method']} | {row['num_demos']} | "
+                         f"{row['context_tokens']} | {row['build_seconds']:.1f} | {ratio} | "
+                         f"{row['peak_rss_mb_over_baseline']:.0f} | {row['kept_kv_mb']:.1f} | {over_kept} | "
+                         f"{row['query_seconds_mean']:.3f} |")
         lines += ["", "![scaling](scaling.png)", ""]
     if warnings:
         lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
@@ -711,12 +724,9 @@ def plot_model(out: Path, model: str, data: dict) -> Path | None:
 SCALING_SCRIPT = """
 import json, resource, sys, time, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/examples"]
-from offline_models import emloc_repo_dir
+from evaluate_memory import load_model
 from tasks import make_task
-from transformers import AutoModel, AutoProcessor
-repo = emloc_repo_dir("smollm2-135m")
-model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+model, processor, _ = load_model(sys.argv[6], None)
 demos, queries = make_task(sys.argv[2], int(sys.argv[3]), 10)
 import threading
 def rss_mb():
@@ -729,8 +739,9 @@ def sample():
     while building[0]:
         peak[0] = max(peak[0], rss_mb()); time.sleep(0.02)
 sampler = threading.Thread(target=sample, daemon=True); sampler.start()
+method = {} if sys.argv[4] == "default" else {"method": sys.argv[4]}
 started = time.perf_counter()
-memory = model.build_memory(demos, processor=processor, method=sys.argv[4], chunk_size=int(sys.argv[5]))
+memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), **method)
 build = time.perf_counter() - started
 building[0] = False; sampler.join()
 latencies = []
@@ -738,25 +749,53 @@ for query in queries:
     t = time.perf_counter(); model.score_choices([query], memory=memory, processor=processor); latencies.append(time.perf_counter() - t)
 print(json.dumps({"build_seconds": build, "peak_rss_mb_over_baseline": peak[0] - baseline, "baseline_rss_mb": baseline,
                   "query_seconds_mean": sum(latencies) / len(latencies), "kept_ratio": memory.stats["totals"]["kept_ratio"],
-                  "context_tokens": memory.stats["totals"]["full_tokens"], "kept_kv_mb": memory.kv_bytes() / 2**20}))
+                  "context_tokens": memory.stats["totals"]["full_tokens"], "kept_kv_mb": memory.kv_bytes() / 2**20,
+                  "memory_method": memory.stats["method"]["name"], "chunk_size": int(sys.argv[5])}))
 """
 
+SCALING_SIZES = (45, 180, 720)
+SCALING_METHODS = ("full", "emloc", "default")
+FULL_PREFILL_CHUNK = 45  # demonstrations per prefill chunk of `full`: one pass over thousands of tokens would need
+# the whole [tokens, tokens] attention matrix at once; chunking gives the same keys and values (attention is causal)
 
-def run_scaling(out: Path, task: str, sizes: list[int]) -> list[dict]:
-    """Build time, peak memory and query latency vs number of demonstrations, each in a fresh process."""
-    rows = []
+
+def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], model: str = "smollm2-135m",
+                chunk_size: int = 4) -> list[dict]:
+    """Build time, peak resident memory and query latency against the number of demonstrations, each build in a fresh
+    process. `full` is the prefill (in chunks of `FULL_PREFILL_CHUNK` demonstrations), the others build with
+    `chunk_size`; `default` is `build_memory` with no method. Each record is written to `OUT/scaling.json` as soon as
+    it is measured, replacing an earlier record of the same method, size and task (a killed run keeps what it
+    measured)."""
+    path = out / "scaling.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
     for size in sizes:
-        for method, chunk in (("full", size), ("emloc", 4)):
-            result = subprocess.run([sys.executable, "-c", SCALING_SCRIPT, str(HERE.parent), task, str(size), method, str(chunk)],
-                                    capture_output=True, text=True)
+        for method in methods:
+            chunk = min(size, FULL_PREFILL_CHUNK) if method == "full" else chunk_size
+            result = subprocess.run([sys.executable, "-c", SCALING_SCRIPT, str(HERE.parent), task, str(size), method,
+                                     str(chunk), model], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(result.stderr[-2000:])
             record = json.loads(result.stdout.strip().splitlines()[-1])
-            record.update(method=method, num_demos=size, task=task)
-            rows.append(record)
+            record.update(method=method, num_demos=size, task=task, model=model_key(model),
+                          machine=evaluate_memory.machine_description())
+            same = (record["model"], task, size, method)
+            rows = [r for r in rows if (r.get("model"), r["task"], r["num_demos"], r["method"]) != same] + [record]
+            order = list(dict.fromkeys([*SCALING_METHODS, *methods]))
+            rows.sort(key=lambda r: (r["task"], r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
+            path.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"[scaling] {task} {method} {size} demos: {record}", flush=True)
-    (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_scaling(out, rows)
+    return rows
+
+
+def scaling_rows(scaling: list[dict]) -> list[dict]:
+    """Each record with its build over the `full` prefill of the same size and its peak over its kept KV."""
+    prefill = {(r.get("model"), r["task"], r["num_demos"]): r["build_seconds"] for r in scaling if r["method"] == "full"}
+    rows = []
+    for row in scaling:
+        full = prefill.get((row.get("model"), row["task"], row["num_demos"]))
+        rows.append({**row, "build_over_prefill": row["build_seconds"] / full if full else None,
+                     "peak_over_kept": row["peak_rss_mb_over_baseline"] / row["kept_kv_mb"] if row["kept_kv_mb"] else None})
     return rows
 
 
@@ -767,8 +806,8 @@ def plot_scaling(out: Path, scaling: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    for method in ("full", "emloc"):
-        rows = [r for r in scaling if r["method"] == method]
+    for method in dict.fromkeys(r["method"] for r in scaling):
+        rows = sorted((r for r in scaling if r["method"] == method), key=lambda r: r["num_demos"])
         sizes = [r["num_demos"] for r in rows]
         axes[0].plot(sizes, [r["build_seconds"] for r in rows], marker="o", label=method)
         axes[1].plot(sizes, [r["peak_rss_mb_over_baseline"] for r in rows], marker="o", label=method)
@@ -829,7 +868,10 @@ def parse_args(argv=None):
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
-    parser.add_argument("--scaling-task", default="digits_text", help="a task with at least 190 rows")
+    parser.add_argument("--scaling-task", default="digits_text", help="a task with the largest size + 10 rows")
+    parser.add_argument("--scaling-sizes", default=",".join(map(str, SCALING_SIZES)), help="numbers of demonstrations")
+    parser.add_argument("--scaling-methods", default=",".join(SCALING_METHODS), help="full, emloc, default, ...")
+    parser.add_argument("--scaling-model", default="smollm2-135m", help="an offline model name or an Emloc repo directory")
     args = parser.parse_args(argv)
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.keep_set = frozenset(k.strip() for k in args.keep.split(",") if k.strip())
@@ -871,14 +913,15 @@ def main(argv=None) -> dict:
                 print(f"[screen] {key}/{task}: {verdict['verdict']}", flush=True)
                 if args.selection and verdict["kept"]:
                     run_split(model, task, args.screen_seed, ",".join(methods), task_dir / f"select-seed{args.screen_seed}",
-                              args.demos, queries, args.force)
+                              args.demos, queries, args.force, args.add)
                 elif verdict["kept"]:
                     for seed in args.seeds_list:
                         run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
                                   args.force, args.add)
                         report(args, out, methods)
     if args.scaling:
-        run_scaling(out, args.scaling_task, [45, 180])
+        run_scaling(out, args.scaling_task, [int(n) for n in args.scaling_sizes.split(",") if n],
+                    [m for m in args.scaling_methods.split(",") if m], model=args.scaling_model)
     report(args, out, methods)
     print(f"wrote {out / 'report.md'}", flush=True)
     return json.loads((out / "results.json").read_text())

@@ -220,3 +220,41 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     assert pooled["query_over_zero_shot"] > 0 and pooled["build_over_full_prefill"] > 0  # against the same run's
     assert "s / query ÷ zero-shot" in (tmp_path / "bench" / "report.md").read_text()
     assert benchmark.rices_comparator("default+retrieve@8") == "rices[k=8]" and benchmark.rices_comparator("full") is None
+    # the selection split takes --add too: a new candidate joins it, the memories it had are kept
+    def select(methods, *extra):
+        return benchmark.main(["--out", str(tmp_path / "bench"), "--models", str(repo), "--tasks", "iris", "--selection",
+                               "--demos", "8", "--queries", "5", "--methods", methods, "--min-gain", "-1",
+                               "--bootstrap", "200", *extra])
+
+    select("zero-shot,full,default")
+    selection = tmp_path / "bench" / "tiny-llama" / "iris" / "select-seed100" / "results.json"
+    first = json.loads(selection.read_text())
+    select("zero-shot,full,default,random@0.25", "--add")
+    grown = json.loads(selection.read_text())
+    assert grown["methods"]["default"] == first["methods"]["default"] and "random@0.25" in grown["methods"]
+
+
+def test_scaling_records_each_build_in_a_fresh_process_and_replaces_a_rerun(tmp_path):
+    """`--scaling`: one record per method and size (build, peak memory, latency), build ÷ prefill in the report; a
+    rerun of one method replaces its record instead of adding a second."""
+    import benchmark
+    from tiny_models import build_tiny_emloc
+
+    repo = build_tiny_emloc("llama", tmp_path / "tiny-llama", template="plain")
+    out = tmp_path / "bench"
+    out.mkdir()
+    rows = benchmark.run_scaling(out, "iris", [6], ["full", "default"], model=str(repo), chunk_size=2)
+    assert [(r["method"], r["num_demos"]) for r in rows] == [("full", 6), ("default", 6)]
+    full, default = rows
+    assert full["kept_ratio"] == 1.0 and full["chunk_size"] == 6 and default["memory_method"] == "emloc-query"
+    assert default["context_tokens"] == full["context_tokens"] and 0 < default["kept_kv_mb"] < full["kept_kv_mb"]
+    assert all(r["build_seconds"] > 0 and r["peak_rss_mb_over_baseline"] >= 0 for r in rows)
+    derived = benchmark.scaling_rows(rows)
+    assert derived[0]["build_over_prefill"] == 1.0
+    assert derived[1]["build_over_prefill"] == pytest.approx(default["build_seconds"] / full["build_seconds"])
+    again = benchmark.run_scaling(out, "iris", [6], ["default"], model=str(repo), chunk_size=2)
+    assert [(r["method"], r["num_demos"]) for r in again] == [("full", 6), ("default", 6)]
+    assert json.loads((out / "scaling.json").read_text()) == again and (out / "scaling.png").exists()
+    args = benchmark.parse_args(["--out", str(out)])
+    benchmark.write_report(out, {}, args, scaling=again)
+    assert "| tiny-llama | iris | default | 6 |" in (out / "report.md").read_text()
