@@ -724,7 +724,7 @@ def plot_model(out: Path, model: str, data: dict) -> Path | None:
 SCALING_SCRIPT = """
 import json, resource, sys, time, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/examples"]
-from evaluate_memory import load_model
+from evaluate_memory import load_model, machine_description
 from tasks import make_task
 model, processor, _ = load_model(sys.argv[6], None)
 demos, queries = make_task(sys.argv[2], int(sys.argv[3]), 10)
@@ -750,7 +750,8 @@ for query in queries:
 print(json.dumps({"build_seconds": build, "peak_rss_mb_over_baseline": peak[0] - baseline, "baseline_rss_mb": baseline,
                   "query_seconds_mean": sum(latencies) / len(latencies), "kept_ratio": memory.stats["totals"]["kept_ratio"],
                   "context_tokens": memory.stats["totals"]["full_tokens"], "kept_kv_mb": memory.kv_bytes() / 2**20,
-                  "memory_method": memory.stats["method"]["name"], "chunk_size": int(sys.argv[5])}))
+                  "memory_method": memory.stats["method"]["name"], "chunk_size": int(sys.argv[5]),
+                  "machine": machine_description()}))
 """
 
 SCALING_SIZES = (45, 180, 720)
@@ -768,6 +769,7 @@ def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], mode
     measured)."""
     path = out / "scaling.json"
     rows = json.loads(path.read_text()) if path.exists() else []
+    order = list(dict.fromkeys([*SCALING_METHODS, *methods]))
     for size in sizes:
         for method in methods:
             chunk = min(size, FULL_PREFILL_CHUNK) if method == "full" else chunk_size
@@ -776,11 +778,9 @@ def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], mode
             if result.returncode != 0:
                 raise RuntimeError(result.stderr[-2000:])
             record = json.loads(result.stdout.strip().splitlines()[-1])
-            record.update(method=method, num_demos=size, task=task, model=model_key(model),
-                          machine=evaluate_memory.machine_description())
+            record.update(method=method, num_demos=size, task=task, model=model_key(model))
             same = (record["model"], task, size, method)
             rows = [r for r in rows if (r.get("model"), r["task"], r["num_demos"], r["method"]) != same] + [record]
-            order = list(dict.fromkeys([*SCALING_METHODS, *methods]))
             rows.sort(key=lambda r: (r["task"], r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
             path.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"[scaling] {task} {method} {size} demos: {record}", flush=True)
@@ -874,6 +874,8 @@ def parse_args(argv=None):
     parser.add_argument("--scaling-model", default="smollm2-135m", help="an offline model name or an Emloc repo directory")
     args = parser.parse_args(argv)
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.scaling_sizes_list = [int(n) for n in args.scaling_sizes.split(",") if n.strip()]
+    args.scaling_methods_list = [m.strip() for m in args.scaling_methods.split(",") if m.strip()]
     args.keep_set = frozenset(k.strip() for k in args.keep.split(",") if k.strip())
     if any(k.count("/") != 1 for k in args.keep_set):
         parser.error(f"--keep takes MODEL/TASK pairs, got {args.keep!r}")
@@ -920,8 +922,7 @@ def main(argv=None) -> dict:
                                   args.force, args.add)
                         report(args, out, methods)
     if args.scaling:
-        run_scaling(out, args.scaling_task, [int(n) for n in args.scaling_sizes.split(",") if n],
-                    [m for m in args.scaling_methods.split(",") if m], model=args.scaling_model)
+        run_scaling(out, args.scaling_task, args.scaling_sizes_list, args.scaling_methods_list, model=args.scaling_model)
     report(args, out, methods)
     print(f"wrote {out / 'report.md'}", flush=True)
     return json.loads((out / "results.json").read_text())
