@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -23,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +62,24 @@ def check_rendering(stats: dict, rendering: dict) -> None:
             "memory was rendered with " + ", ".join(f"{key}={recorded.get(key)!r}" for key in differing)
             + "; this processor renders " + ", ".join(f"{key}={rendering[key]!r}" for key in differing)
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hands back to the operating system what freed tensors left in the C allocator's heap (glibc's `malloc_trim`; a
+    no-op elsewhere). glibc keeps freed blocks below its mmap threshold for reuse and returns only the top of the heap:
+    without this, a build's resident memory would keep every buffer its growing memory outgrew and the holes of every
+    chunk's working state."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -200,14 +220,28 @@ class TaskMemory:
         # a new list (whoever holds the old one keeps what it had), filled layer by layer: a layer that moves to a
         # larger buffer lets the old one go before the next layer grows
         self.layers = list(self.layers)
+        buffers = dict(self._buffers)
         for index, new in enumerate(chunk):
             self.layers[index] = self._extend_layer(index, new)
         self.next_position = int(next_position)
+        if any(self._buffers[index] is not buffers.get(index) for index in self._buffers):
+            release_freed_memory()  # the buffers just outgrown
 
     def _extend_layer(self, index: int, new: MemoryLayer) -> MemoryLayer:
+        filled = self.layers[index].num_tokens
+        needed = filled + new.num_tokens
+        buffer = self._buffer(index, needed)
+        for name, tensor in buffer.tensors().items():
+            tensor[:, filled:needed] = getattr(new, name)
+        view = MemoryLayer(**{name: tensor[:, :needed] for name, tensor in buffer.tensors().items()})
+        self._views[index] = view
+        return view
+
+    def _buffer(self, index: int, needed: int) -> MemoryLayer:
+        """Layer `index`'s growth buffer, holding the layer in its first tokens, with room for `needed` tokens."""
         layer, buffer = self.layers[index], self._buffers.get(index)
-        filled, needed = layer.num_tokens, layer.num_tokens + new.num_tokens
         if buffer is None or self._views.get(index) is not layer or buffer.num_tokens < needed:
+            filled = layer.num_tokens
             capacity = max(needed, 2 * filled)
             buffer = MemoryLayer(**{
                 name: tensor.new_empty(tensor.shape[0], capacity, *tensor.shape[2:])
@@ -216,11 +250,24 @@ class TaskMemory:
             for name, tensor in buffer.tensors().items():
                 tensor[:, :filled] = getattr(layer, name)
             self._buffers[index] = buffer
-        for name, tensor in buffer.tensors().items():
-            tensor[:, filled:needed] = getattr(new, name)
-        view = MemoryLayer(**{name: tensor[:, :needed] for name, tensor in buffer.tensors().items()})
-        self._views[index] = view
-        return view
+            # the layer is now read from the new buffer (its values unchanged), so the old one can go
+            self.layers[index] = self._views[index] = MemoryLayer(**{name: t[:, :filled] for name, t in buffer.tensors().items()})
+        return buffer
+
+    def scratch(self, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Room for `tokens` more tokens after every layer, in the growth buffers: per layer `(keys, values, filled)`,
+        keys and values `[1, kv_heads, capacity, head_dim]` whose first `filled` tokens are the layer (what
+        `EmlocCache(scratch=...)` takes). A build runs its chunk's passes there: the memory is never copied for them.
+        What is written after the filled part is not part of the memory; the next `extend` writes over it."""
+        self.layers = list(self.layers)
+        buffers = dict(self._buffers)
+        room = []
+        for index, layer in enumerate(self.layers):
+            buffer = self._buffer(index, layer.num_tokens + tokens)
+            room.append((buffer.keys[None], buffer.values[None], layer.num_tokens))
+        if any(self._buffers[index] is not buffers.get(index) for index in self._buffers):
+            release_freed_memory()  # the buffers just outgrown
+        return room
 
     def compact(self) -> None:
         """Gives each layer contiguous tensors of exactly its size and drops the growth buffers (the end of a build).

@@ -37,19 +37,22 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
-                               base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub)
+                               base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
+                               release_freed_memory)
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
     from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
-                              base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub)
+                              base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
+                              release_freed_memory)
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -237,18 +240,39 @@ def _parameters(function) -> set[str]:
 
 
 class PrefixedLayer(DynamicLayer):
-    """A cache layer that starts with a prefix `[batch, kv_heads, prefix_len, head_dim]` and writes new tokens into a
-    buffer that grows by doubling, so feeding a token does not copy the whole memory as concatenation would."""
+    """A cache layer that starts with a prefix and writes new tokens into a buffer that grows by doubling, so feeding
+    a token does not copy the whole memory as concatenation would.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, headroom: int = 64):
+    The prefix comes as pieces laid end to end along the token axis, each `[batch, kv_heads, len, head_dim]` or
+    `[kv_heads, len, head_dim]` (shared by every row): they are copied once, straight into the buffer, with room for
+    `headroom` more tokens (what a caller knows it will feed).
+
+    `scratch=(keys, values, filled)` lends the layer buffers `[batch, kv_heads, capacity, head_dim]` whose first
+    `filled` tokens already hold the start of the prefix; the pieces follow them. A caller that runs many passes over
+    one prefix (a build's probe) copies its memory once, not once per pass, and allocates nothing per pass."""
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], batch_size: int, headroom: int = 64,
+                 scratch: tuple[torch.Tensor, torch.Tensor, int] | None = None):
         super().__init__()
-        batch, heads, length, dim = keys.shape
-        self._keys = keys.new_empty(batch, heads, length + headroom, dim)
-        self._values = values.new_empty(batch, heads, length + headroom, dim)
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
+        template = keys[0] if scratch is None else scratch[0]
+        heads, dim = template.shape[-3], template.shape[-1]
+        filled = 0 if scratch is None else scratch[2]
+        length = filled + sum(piece.shape[-2] for piece in keys)
+        if scratch is None:
+            self._keys = keys[0].new_empty(batch_size, heads, length + headroom, dim)
+            self._values = values[0].new_empty(batch_size, heads, length + headroom, dim)
+        else:
+            self._keys, self._values = scratch[0], scratch[1]
+            if self._keys.shape[0] != batch_size or self._keys.shape[2] < length:
+                raise ValueError(f"a scratch buffer of {tuple(self._keys.shape)} cannot hold {batch_size} rows of {length} tokens")
+        start = filled
+        for key_piece, value_piece in zip(keys, values):
+            end = start + key_piece.shape[-2]
+            self._keys[:, :, start:end] = key_piece  # a shared piece broadcasts over the rows
+            self._values[:, :, start:end] = value_piece
+            start = end
         self.length = self.prefix_length = length
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.dtype, self.device, self.is_initialized = template.dtype, template.device, True
         self._expose()
 
     def _expose(self) -> None:
@@ -302,6 +326,9 @@ class PrefixedLayer(DynamicLayer):
 class EmlocCache(DynamicCache):
     """A `DynamicCache` whose layers start with a fixed prefix (a task memory, possibly with a chunk appended).
 
+    A prefix entry is `(keys, values, positions)`, keys and values a tensor or a tuple of pieces laid end to end
+    (`memory_prefix`); `headroom` is how many tokens the caller will feed (more only costs a larger copy later);
+    `scratch` lends each layer buffers that already hold the start of its prefix (`PrefixedLayer`).
     Each layer may hold a different number of prefix tokens and each KV head its own tokens, so the cache also keeps
     the prefix tokens' positions (`[kv_heads, tokens]` per layer; `[batch, kv_heads, tokens]` with keys and values
     `[batch, kv_heads, tokens, head_dim]` when each row has its own prefix, as with retrieval) and, for the tokens fed
@@ -320,22 +347,22 @@ class EmlocCache(DynamicCache):
     `batch_select_indices` / `crop` move rows and tokens for beam search and `num_return_sequences`.
     """
 
-    def __init__(self, prefix: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], batch_size: int,
-                 start_position: int = 0, window_shift: int = 0):
+    def __init__(self, prefix: Sequence[tuple | None], batch_size: int, start_position: int = 0, window_shift: int = 0,
+                 headroom: int = 64, scratch: Sequence[tuple[torch.Tensor, torch.Tensor, int] | None] | None = None):
         layers = []
         # sliding windows cut the prefix as for tokens `window_shift` positions further on (a build's probe rows see
         # a chunk the way the queries after the whole context will); 0 everywhere else
         self.window_shift = int(window_shift)
         self.prefix_positions: list[torch.Tensor | None] = []
-        for entry in prefix:
+        for index, entry in enumerate(prefix):
             if entry is None:  # a layer the pass does not run
                 layers.append(DynamicLayer())
                 self.prefix_positions.append(None)
                 continue
             keys, values, positions = entry
-            if keys.dim() == 3:  # one prefix for every row
-                keys, values = keys.unsqueeze(0).expand(batch_size, -1, -1, -1), values.unsqueeze(0).expand(batch_size, -1, -1, -1)
-            layers.append(PrefixedLayer(keys, values))
+            keys = tuple(keys) if isinstance(keys, (tuple, list)) else (keys,)
+            values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+            layers.append(PrefixedLayer(keys, values, batch_size, headroom, scratch[index] if scratch is not None else None))
             self.prefix_positions.append(positions)
         super().__init__()
         self.layers = layers
@@ -453,40 +480,46 @@ class AttentionObserver:
 
     `rows` is a bool `[batch, seq]` of the query positions to observe; `keys` a `slice` of the key axis to keep. For each
     layer it stores the probabilities summed over observed positions, batch rows and the query heads of each KV group:
-    `[kv_heads, len(keys)]`.
+    `[kv_heads, len(keys)]`. Only the observed positions' probabilities are computed (`observe`): a few rows of the
+    attention matrix, while the pass itself runs the stock attention.
     """
 
     def __init__(self, rows: torch.Tensor, keys: slice, num_groups: int):
         self.rows, self.keys, self.num_groups = rows, keys, num_groups
         self.per_layer: dict[int, torch.Tensor] = {}
+        # the query positions observed in some row; the others need no probabilities
+        self.positions = rows.any(dim=0).nonzero().flatten()
 
-    def record(self, layer: int, probabilities: torch.Tensor) -> None:
-        # probabilities: [batch, heads, q, k] float32
-        observed = probabilities[..., self.keys] * self.rows[:, None, :, None]
-        summed = observed.sum(dim=(0, 2))  # [heads, k]
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                scaling: float | None = None, softcap: float | None = None) -> None:
+        """Records layer `layer`'s probabilities at the observed positions, in float32 whatever the model dtype.
+
+        query `[batch, heads, q, head_dim]`, key `[batch, kv_heads, k, head_dim]`, attention_mask bool
+        `[batch, 1 | heads, q, k]`."""
+        positions = self.positions.to(query.device)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = torch.matmul(query[:, :, positions].float(), key.float().transpose(2, 3)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask[:, :, positions], float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1)[..., self.keys]  # [batch, heads, observed, k]
+        weights = self.rows[:, positions].to(probabilities.device, probabilities.dtype)
+        summed = torch.einsum("bhqk,bq->hk", probabilities, weights)
         self.per_layer[layer] = summed.view(-1, self.num_groups, summed.shape[-1]).sum(dim=1)
 
 
 def emloc_observed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
                              emloc_observer: AttentionObserver | None = None, **kwargs):
-    """Eager attention that hands its probabilities to an `AttentionObserver` (registered as `"emloc_observed"`).
-
-    query `[batch, heads, q, head_dim]`, key/value `[batch, kv_heads, k, head_dim]`, attention_mask bool
-    `[batch, 1 | heads, q, k]`. Probabilities are computed in float32 whatever the model dtype.
-    """
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    """The stock `sdpa` attention, which also lets an `AttentionObserver` see the probabilities at the query positions
+    it observes (registered as `"emloc_observed"`). Shapes as `sdpa`; attention_mask bool `[batch, 1 | heads, q, k]`."""
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    probabilities = torch.softmax(scores, dim=-1)
+        kwargs["softcap"] = softcap  # `sdpa` refuses it, as every other pass of ours would
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if emloc_observer is not None:
-        emloc_observer.record(module.layer_idx, probabilities)
-    output = torch.matmul(probabilities.to(value.dtype), value)
-    return output.transpose(1, 2).contiguous(), None
+        emloc_observer.observe(module.layer_idx, query, key, attention_mask, scaling, softcap)
+    return output, None
 
 
 class MemorySelector:
@@ -636,17 +669,14 @@ def run_layers(family: TextFamily, segment: Segment, cache: EmlocCache, start: i
     return hidden, entering
 
 
-def memory_prefix(memory: TaskMemory, extra: Sequence[MemoryLayer | None] | None = None, from_layer: int = 0,
-                  family: TextFamily | None = None) -> list:
-    """Per layer `(keys, values, positions)` of `memory` (with `extra[l]` appended), None below `from_layer`; on each
-    layer's device when `family` is given."""
+def memory_prefix(memory: TaskMemory, from_layer: int = 0, family: TextFamily | None = None) -> list:
+    """Per layer `(keys, values, positions)` of `memory`, None below `from_layer`; on each layer's device when `family`
+    is given."""
     prefix = []
     for index, layer in enumerate(memory.layers):
         if index < from_layer:
             prefix.append(None)
             continue
-        if extra is not None and extra[index] is not None:
-            layer = layer.append(extra[index])
         entry = (layer.keys, layer.values, layer.positions)
         if family is not None:
             device = family.layer_device(index)
@@ -728,16 +758,24 @@ class Probe:
         # right after the chunk (the paper), or further on (`probe_at="end"`: where the queries will be); the gap
         # between the chunk and the rows is empty, like the gaps a pruned memory leaves
         start_position = chunk.next_position if start_position is None else max(start_position, chunk.next_position)
-        self.segment = builder.model._segment(batch, start_position=start_position)
+        # the rows packed into one, each its own segment: every row reads the same memory, with no per-row copy of it
+        self.segment, self.predicting = pack_rows(builder.model._segment(batch, start_position=start_position),
+                                                  self.predicting.to(builder.model.model.device))
         # `sliding="query"`: in sliding-window layers the rows see the prefix as a query at `window_position` would
         self.window_shift = 0 if window_position is None else max(0, window_position - start_position)
+        fed = self.segment.hidden.shape[1]
+        if rerun == "scored":
+            fed = max(fed, self._scored_layout())
+        # every pass writes what it keeps of the chunk, then the tokens it feeds, after the memory in its own growth
+        # buffers: the memory is never copied for the probe
+        self.scratch = memory.scratch(chunk.length + fed)
         observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
-        cache = EmlocCache(memory_prefix(memory, [chunk.kept(l, None) for l in range(family.num_layers)]), batch["input_ids"].shape[0],
-                           window_shift=self.window_shift)
+        cache = self._cache({layer: None for layer in range(family.num_layers)}, start_layer=0)
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
         self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
         if rerun == "scored":
             self._freeze_rows(cache)
+        del cache
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
         importance = []
@@ -753,26 +791,47 @@ class Probe:
         logits = self.builder.family.logits(scored_hidden)
         return logits if self.choice_ids is None else logits[:, self.choice_ids]
 
+    def _cache(self, kept: dict[int, torch.Tensor | None], start_layer: int) -> EmlocCache:
+        """A cache (batch 1) over the memory plus the chunk tokens `kept[l]` (None = all) in layers `start_layer…`, in
+        the probe's scratch buffers."""
+        prefix = [None] * start_layer
+        for layer in range(start_layer, self.builder.family.num_layers):
+            added = self.chunk.kept(layer, kept.get(layer))
+            positions = torch.cat([self.memory.layers[layer].positions, added.positions], dim=1)
+            prefix.append((added.keys, added.values, positions))
+        return EmlocCache(prefix, 1, window_shift=self.window_shift, scratch=self.scratch)
+
+    def _scored_layout(self) -> int:
+        """`rerun="scored"`: lays out the scored positions as one row, each its own segment, and the probe rows'
+        tokens before each of them (each scored position's copy of its row so far); returns how many tokens a scored
+        pass feeds."""
+        columns = self.predicting[0].nonzero().flatten()  # the order of `hidden[self.predicting]`
+        device = self.segment.hidden.device
+        # where each scored position's row starts in the packed row: its earlier tokens are `row start … column - 1`
+        row_starts = torch.ones_like(self.segment.segments[0], dtype=torch.bool)
+        row_starts[1:] = self.segment.segments[0, 1:] != self.segment.segments[0, :-1]
+        row_of_token = row_starts.long().cumsum(0) - 1
+        first_token = row_starts.nonzero().flatten()[row_of_token[columns]]
+        counts = columns - first_token
+        self.earlier = (torch.cat([torch.arange(int(a), int(b), device=device) for a, b in zip(first_token, columns)])
+                        if len(columns) else columns)
+        self.scored = columns
+        self.frozen_positions = self.segment.text_positions[0, self.earlier][None]
+        self.frozen_segments = torch.arange(len(columns), device=device).repeat_interleave(counts)[None]
+        # only the scored positions' hidden states depend on the restart layer
+        self.scored_segment = Segment(None, self.segment.rope_positions[..., :, columns],
+                                      self.segment.text_positions[:, columns],
+                                      torch.ones_like(columns, dtype=torch.bool)[None],
+                                      segments=torch.arange(len(columns), device=device)[None])
+        return len(self.earlier) + len(columns)
+
     def _freeze_rows(self, cache: EmlocCache) -> None:
         """`rerun="scored"`: keeps, per layer, the reference keys and values of the probe rows' tokens before each
         scored position, packed into one row `[1, kv_heads, tokens, head_dim]` (one segment per scored position)."""
-        rows, columns = self.predicting.nonzero(as_tuple=True)  # the order of `hidden[self.predicting]`
-        device = self.segment.hidden.device
-        earlier_rows = rows.repeat_interleave(columns)
-        earlier_columns = torch.cat([torch.arange(int(c), device=device) for c in columns]) if len(columns) else columns
-        self.scored = (rows, columns)
-        self.frozen_positions = self.segment.text_positions[earlier_rows, earlier_columns][None]
-        self.frozen_segments = torch.arange(len(rows), device=device).repeat_interleave(columns)[None]
-        # the scored positions as one row, each its own segment; only their hidden states depend on the restart layer
-        self.scored_segment = Segment(None, self.segment.rope_positions[..., rows, columns][..., None, :],
-                                      self.segment.text_positions[rows, columns][None],
-                                      torch.ones_like(rows, dtype=torch.bool)[None],
-                                      segments=torch.arange(len(rows), device=device)[None])
         self.frozen_kv = []
         for layer in range(self.builder.family.num_layers):
-            keys, values = cache.new_kv(layer)  # [batch, kv_heads, seq, head_dim]
-            self.frozen_kv.append((keys[earlier_rows, :, earlier_columns].transpose(0, 1)[None],
-                                   values[earlier_rows, :, earlier_columns].transpose(0, 1)[None]))
+            keys, values = cache.new_kv(layer)  # [1, kv_heads, seq, head_dim]
+            self.frozen_kv.append((keys[:, :, self.earlier], values[:, :, self.earlier]))
 
     def divergence(self, start_layer: int, kept: dict[int, torch.Tensor | None]) -> float:
         """Mean JS between the probe's answer distributions with layers `start_layer…` pruned as `kept` and the
@@ -782,26 +841,35 @@ class Probe:
         (a layer's own pruning cannot change the keys and values it is given); below, `"scored"` leaves out the effect
         of the pruning on the rows' other tokens, for a pass over a few positions instead of whole rows."""
         family = self.builder.family
-        extra = [self.chunk.kept(l, kept.get(l)) if l >= start_layer else None for l in range(family.num_layers)]
-        prefix = memory_prefix(self.memory, extra, from_layer=start_layer)
+        cache = self._cache(kept, start_layer)
         if self.rerun == "scored":
-            rows, columns = self.scored
-            cache = EmlocCache(prefix, 1, window_shift=self.window_shift)
+            columns = self.scored
             cache.add_tokens(self.frozen_positions, torch.ones_like(self.frozen_positions, dtype=torch.bool),
                              segments=self.frozen_segments)
             for layer in range(start_layer, family.num_layers):
                 cache.layers[layer].update(*self.frozen_kv[layer])
-            segment = dataclasses.replace(self.scored_segment, hidden=self.entering[start_layer][rows, columns][None])
+            segment = dataclasses.replace(self.scored_segment, hidden=self.entering[start_layer][:, columns])
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
             logits = self._logits(hidden[0])
         else:
-            cache = EmlocCache(prefix, self.segment.hidden.shape[0], window_shift=self.window_shift)
             segment = dataclasses.replace(self.segment, hidden=self.entering[start_layer])
             hidden, _ = run_layers(family, segment, cache, start=start_layer)
             logits = self._logits(hidden[self.predicting])
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
         return js_divergence(logits, self.reference).mean().item()
+
+
+def pack_rows(segment: Segment, predicting: torch.Tensor) -> tuple[Segment, torch.Tensor]:
+    """A right-padded batch of rows as one row without padding, each former row its own segment (it sees the prefix
+    and its own tokens, at the positions it had). `predicting` `[batch, seq]` → `[1, tokens]`, in the same order."""
+    valid = segment.valid
+    rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)
+    rope = segment.rope_positions
+    packed_rope = rope[valid][None] if rope.dim() == 2 else rope[:, valid][:, None]
+    packed = Segment(segment.hidden[valid][None], packed_rope, segment.text_positions[valid][None],
+                     torch.ones_like(valid[valid])[None], segments=rows[valid][None])
+    return packed, predicting[valid][None]
 
 
 def answer_rows(processor: EmlocProcessor, rows: list[EncodedSpan], positions: str = "answer") -> tuple[dict, torch.Tensor]:
@@ -1193,9 +1261,10 @@ class MemoryBuilder:
     """Builds a task memory chunk by chunk (paper §3.1): prefill a chunk on top of the memory, let the method choose
     what each layer keeps, append it.
 
-    What a build holds grows with what it keeps: the memory grows in place (`TaskMemory.extend`), demonstrations are
-    read as their chunk needs them (`StreamedContext`: images decoded per chunk) and a chunk's working state (its KV,
-    the probe) is let go before the next chunk. With `checkpoint_dir` each completed chunk is recorded on disk
+    What a build holds grows with what it keeps: the memory grows in place (`TaskMemory.extend`), a chunk's prefill and
+    every probe pass run after the memory in its own growth buffers (`TaskMemory.scratch`: the memory is never copied
+    for them), demonstrations are read as their chunk needs them (`StreamedContext`: images decoded per chunk) and a
+    chunk's working state (its KV, the probe) is let go before the next chunk. With `checkpoint_dir` each completed chunk is recorded on disk
     (`BuildCheckpoint`), and a rerun with the same arguments continues after the last recorded chunk, to the same bytes.
 
     `progress` is True for a progress bar, or a callable `progress(chunks_done, chunks_total)` called after each chunk
@@ -1247,6 +1316,7 @@ class MemoryBuilder:
                 if checkpoint is not None:
                     checkpoint.add_chunk(kept, types, next_position, stats, spent_before + time.perf_counter() - started)
                 del kept
+                release_freed_memory()  # the chunk's working state, and a buffer the memory outgrew
                 full_types.append(types)
                 chunk_stats.append(stats)
                 if bar is not None:
@@ -1283,8 +1353,8 @@ class MemoryBuilder:
         spans = [self.context.demos[i] for i in demo_indices]
         if first:
             spans = [self.context.prefix, *spans]  # the template prefix belongs to the first chunk
-        chunk = self.model._prefill_chunk(memory, EncodedSpan.concat(spans))
-        # the chunk's keys and values are views of the prefill's cache, which holds a copy of the whole memory too
+        chunk = self.model._prefill_chunk(memory, EncodedSpan.concat(spans), in_place=True)
+        # the chunk's keys and values are views of the memory's growth buffers, where the probe's passes write next
         chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
         kept, stats = self.method.compress(self, memory, chunk, demo_indices)
         layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
@@ -1524,11 +1594,20 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         rope = torch.where(valid, rope + start, torch.zeros_like(rope))
         return Segment(hidden, rope, family.text_positions(rope), valid)
 
-    def _prefill_chunk(self, memory: TaskMemory, chunk: EncodedSpan) -> ChunkState:
-        """Feeds a chunk (batch 1) on top of `memory`; returns its per-layer KV, positions and types."""
+    def _prefill_chunk(self, memory: TaskMemory, chunk: EncodedSpan, in_place: bool = False) -> ChunkState:
+        """Feeds a chunk (batch 1) on top of `memory`; returns its per-layer KV, positions and types.
+
+        With `in_place` the chunk's keys and values are written after the memory in its growth buffers
+        (`TaskMemory.scratch`) instead of a copy of the memory: they are views there, valid until the next write."""
         inputs = {"input_ids": chunk.input_ids[None], "attention_mask": torch.ones_like(chunk.input_ids)[None], **chunk.media}
         segment = self._segment(inputs, start_position=memory.next_position)
-        cache = EmlocCache(memory_prefix(memory), batch_size=1)
+        length = chunk.input_ids.shape[0]
+        if in_place:
+            scratch = memory.scratch(length)
+            prefix = [((), (), layer.positions) for layer in memory.layers]
+            cache = EmlocCache(prefix, batch_size=1, scratch=scratch)
+        else:
+            cache = EmlocCache(memory_prefix(memory), batch_size=1, headroom=length)
         run_layers(self.family, segment, cache)
         keys, values = zip(*(cache.new_kv(layer) for layer in range(self.family.num_layers)))
         return ChunkState(

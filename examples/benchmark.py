@@ -868,7 +868,7 @@ def parse_args(argv=None):
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
-    parser.add_argument("--scaling-task", default="digits_text", help="a task with the largest size + 10 rows")
+    parser.add_argument("--scaling-task", default="digits_text_all", help="a task with the largest size + 10 rows")
     parser.add_argument("--scaling-sizes", default=",".join(map(str, SCALING_SIZES)), help="numbers of demonstrations")
     parser.add_argument("--scaling-methods", default=",".join(SCALING_METHODS), help="full, emloc, default, ...")
     parser.add_argument("--scaling-model", default="smollm2-135m", help="an offline model name or an Emloc repo directory")

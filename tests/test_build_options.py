@@ -80,11 +80,17 @@ def test_first_position_scores_one_position_per_probe_row(tiny):
     builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "llama", 4)
     every = Probe(builder, memory, chunk, rows, positions="answer")
     first = Probe(builder, memory, chunk, rows, positions="first")
-    assert first.predicting.sum(dim=1).tolist() == [1, 1]
+    # the rows are packed into one, each its own segment: count the scored positions per segment
+    def scored_rows(probe):
+        return probe.segment.segments[probe.predicting]
+
+    assert scored_rows(first).tolist() == [0, 1]
     assert every.predicting.sum() > first.predicting.sum()
     # the first scored position of each row is the same under both rules, and so is its reference distribution
+    # (positions within the row: "first" trims each row after that position, so the packed rows start elsewhere)
     for row in range(2):
-        assert every.predicting[row].nonzero()[0] == first.predicting[row].nonzero()[0]
+        every_first = every.segment.text_positions[every.predicting][scored_rows(every) == row][0]
+        assert every_first == first.segment.text_positions[first.predicting][row]
     torch.testing.assert_close(first.reference[0], every.reference[0])
     # over choices: the reference is a distribution over the choices' first tokens
     choice_ids = torch.tensor([5, 9, 17])
@@ -92,6 +98,30 @@ def test_first_position_scores_one_position_per_probe_row(tiny):
     assert over.reference.shape == (2, 3)
     torch.testing.assert_close(over.reference.exp().sum(-1), torch.ones(2))
     assert over.divergence(0, {}) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2-vl"])
+def test_packed_probe_rows_answer_as_each_row_alone(tiny, family):
+    """The probe packs its rows into one (each its own segment, at its own positions): each row's reference
+    distributions are those of the row fed alone after the memory and the whole chunk, and a pass with nothing pruned
+    diverges by nothing."""
+    from memory_emloc import TaskMemory
+    from modeling_emloc import EmlocCache, Probe, answer_rows, memory_prefix, run_layers
+
+    model, processor, _ = tiny(family)
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, family, 5)
+    probe = Probe(builder, memory, chunk, rows, positions="answer")
+    assert probe.segment.hidden.shape[0] == 1 and probe.segment.segments.unique().tolist() == [0, 1, 2]
+    whole = TaskMemory([layer.append(chunk.kept(index, None)) for index, layer in enumerate(memory.layers)],
+                       chunk.next_position)
+    alone = []
+    for row in rows:
+        batch, predicting = answer_rows(processor, [row])
+        segment = model._segment(batch, start_position=chunk.next_position)
+        hidden, _ = run_layers(model.family, segment, EmlocCache(memory_prefix(whole), 1))
+        alone.append(torch.log_softmax(model.family.logits(hidden[predicting.to(hidden.device)]).float(), dim=-1))
+    torch.testing.assert_close(probe.reference, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    assert probe.divergence(0, {}) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_choices_divergence_uses_the_first_tokens_of_the_choices(tiny):

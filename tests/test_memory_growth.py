@@ -82,8 +82,9 @@ def test_growth_never_writes_into_tensors_it_did_not_allocate():
 
 
 def test_a_chunks_working_state_is_let_go_before_the_next_chunk(tiny, monkeypatch):
-    """After each chunk nothing of it is alive but what the memory keeps: its state, the prefill cache its keys came
-    from (which holds a copy of the whole memory) and the probe are freed (by reference counting, no collection)."""
+    """After each chunk nothing of it is alive but what the memory keeps: its state and the probe are freed (by
+    reference counting, no collection). The prefill wrote the chunk after the memory in its own growth buffer, so no
+    copy of the memory was made for it."""
     import weakref
 
     import modeling_emloc
@@ -92,9 +93,10 @@ def test_a_chunks_working_state_is_let_go_before_the_next_chunk(tiny, monkeypatc
     alive = []
     prefill = type(model)._prefill_chunk
 
-    def recording_prefill(self, memory, span):
-        chunk = prefill(self, memory, span)
-        alive.extend([weakref.ref(chunk), weakref.ref(chunk.keys[0]._base if chunk.keys[0]._base is not None else chunk.keys[0])])
+    def recording_prefill(self, memory, span, **kwargs):
+        chunk = prefill(self, memory, span, **kwargs)
+        assert chunk.keys[0]._base is memory._buffers[0].keys
+        alive.append(weakref.ref(chunk))
         return chunk
 
     class RecordingProbe(modeling_emloc.Probe):
@@ -107,11 +109,42 @@ def test_a_chunks_working_state_is_let_go_before_the_next_chunk(tiny, monkeypatc
     checked = []
 
     def progress(done, total):
-        assert len(alive) == 3 * done and all(ref() is None for ref in alive)
+        assert len(alive) == 2 * done and all(ref() is None for ref in alive)
         checked.append(done)
 
     model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2, progress=progress, **PAPER)
     assert checked == [1, 2, 3]
+
+
+def test_scratch_gives_room_after_each_layer_and_leaves_the_memory_as_it_was():
+    """A build's passes write after the memory in its growth buffers (`TaskMemory.scratch`): the memory, and what it
+    handed out, keep their values, and the next `extend` writes over the scratch as concatenation would."""
+    from modeling_emloc import PrefixedLayer
+
+    generator = torch.Generator().manual_seed(2)
+    memory = TaskMemory.empty(3, 2, 8)
+    memory.extend(_random_chunk(3, 2, 8, 5, generator), next_position=5)
+    handed_out = list(memory.layers)
+    snapshots = [MemoryLayer(**{k: v.clone() for k, v in layer.tensors().items()}) for layer in handed_out]
+    room = memory.scratch(40)
+    for layer, (keys, values, filled), snapshot in zip(memory.layers, room, snapshots):
+        assert filled == layer.num_tokens and keys.shape[0] == 1 and keys.shape[2] >= filled + 40
+        assert torch.equal(keys[0, :, :filled], layer.keys) and torch.equal(values[0, :, :filled], layer.values)
+        keys[0, :, filled:] = 7.0  # what a pass writes there
+        values[0, :, filled:] = 7.0
+        _assert_layers_equal(layer, snapshot)
+    for layer, snapshot in zip(handed_out, snapshots):
+        _assert_layers_equal(layer, snapshot)
+    # a cache layer over the scratch holds the memory, then the pieces after it; it refuses what does not fit
+    piece = torch.randn(2, 3, 8, generator=generator)
+    cache_layer = PrefixedLayer((piece,), (piece,), 1, scratch=room[0])
+    assert torch.equal(cache_layer.keys[0], torch.cat([memory.layers[0].keys, piece], dim=1))
+    with pytest.raises(ValueError, match="cannot hold 1 rows"):
+        PrefixedLayer((torch.zeros(2, 1000, 8),), (torch.zeros(2, 1000, 8),), 1, scratch=room[0])
+    chunk = _random_chunk(3, 2, 8, 3, generator)
+    memory.extend(chunk, next_position=8)
+    for got, snapshot, new in zip(memory.layers, snapshots, chunk):
+        _assert_layers_equal(got, snapshot.append(new))
 
 
 # -- the same bytes as the implementation before issue 10 -----------------------------------------------------------
