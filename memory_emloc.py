@@ -220,12 +220,11 @@ class TaskMemory:
         # a new list (whoever holds the old one keeps what it had), filled layer by layer: a layer that moves to a
         # larger buffer lets the old one go before the next layer grows
         self.layers = list(self.layers)
-        buffers = dict(self._buffers)
+        before = dict(self._buffers)
         for index, new in enumerate(chunk):
             self.layers[index] = self._extend_layer(index, new)
         self.next_position = int(next_position)
-        if any(self._buffers[index] is not buffers.get(index) for index in self._buffers):
-            release_freed_memory()  # the buffers just outgrown
+        self._release_outgrown(before)
 
     def _extend_layer(self, index: int, new: MemoryLayer) -> MemoryLayer:
         filled = self.layers[index].num_tokens
@@ -260,14 +259,18 @@ class TaskMemory:
         `EmlocCache(scratch=...)` takes). A build runs its chunk's passes there: the memory is never copied for them.
         What is written after the filled part is not part of the memory; the next `extend` writes over it."""
         self.layers = list(self.layers)
-        buffers = dict(self._buffers)
+        before = dict(self._buffers)
         room = []
         for index, layer in enumerate(self.layers):
             buffer = self._buffer(index, layer.num_tokens + tokens)
             room.append((buffer.keys[None], buffer.values[None], layer.num_tokens))
-        if any(self._buffers[index] is not buffers.get(index) for index in self._buffers):
-            release_freed_memory()  # the buffers just outgrown
+        self._release_outgrown(before)
         return room
+
+    def _release_outgrown(self, before: dict[int, MemoryLayer]) -> None:
+        """Hands the buffers outgrown since `before` (the growth buffers then) back to the operating system."""
+        if any(buffer is not before.get(index) for index, buffer in self._buffers.items()):
+            release_freed_memory()
 
     def compact(self) -> None:
         """Gives each layer contiguous tensors of exactly its size and drops the growth buffers (the end of a build).
