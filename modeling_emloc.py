@@ -1007,6 +1007,9 @@ class EmlocMethod(CompressionMethod):
             demonstrations that follow the chunk, which no part of the memory has seen yet — they are answered the
             way a new query is (the last chunk borrows the first demonstrations).
         probe_size: rows of a `heldout` / `future` probe.
+        distinct_answers: a `heldout` / `future` probe takes, in its order, rows whose answers differ from the rows
+            already taken, while the demonstrations offer them, then the next rows. Rows that share one answer cannot
+            see a memory drifting towards that answer: the reference and every pruned variant agree on it.
         protect: `"count"` (the paper): the always-kept answer tokens count toward the ratio; `"extra"`: the ratio is
             counted over the other tokens and the answers are kept on top (short demonstrations otherwise spend the
             whole ratio on answers).
@@ -1051,6 +1054,7 @@ class EmlocMethod(CompressionMethod):
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     probe: str = "self"
     probe_size: int = 4
+    distinct_answers: bool = False
     protect: str = "count"
     positions: str = "answer"
     over: str = "vocab"
@@ -1064,8 +1068,8 @@ class EmlocMethod(CompressionMethod):
     sliding: str = "probe"
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
-    PAPER = {"probe": "self", "protect": "count", "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid",
-             "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe"}
+    PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
+             "layer_group": 1, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
@@ -1079,6 +1083,9 @@ class EmlocMethod(CompressionMethod):
             raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
+        if self.distinct_answers and self.probe == "self":
+            raise ValueError("distinct_answers chooses the rows of a 'heldout' or 'future' probe; probe='self' has none "
+                             "to choose")
         self.layer_group = int(self.layer_group)
         if self.layer_group < 1:
             raise ValueError(f"layer_group must be at least 1, got {self.layer_group}")
@@ -1087,7 +1094,8 @@ class EmlocMethod(CompressionMethod):
         params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
         if self.probe != "self":
             params["probe_size"] = self.probe_size
-        for option in ("protect", "positions", "over", "layer_group", "reuse", "rerun", "probe_at", "sliding"):
+        for option in ("distinct_answers", "protect", "positions", "over", "layer_group", "reuse", "rerun", "probe_at",
+                       "sliding"):
             if getattr(self, option) != self.PAPER[option]:
                 params[option] = getattr(self, option)
         if self.search != "grid":
@@ -1096,8 +1104,10 @@ class EmlocMethod(CompressionMethod):
             params["budget"] = self.budget
         return params
 
-    def probe_demos(self, num_demos: int, chunk_demos: list[int]) -> list[int]:
-        """Indices of the demonstrations that probe the chunk `chunk_demos`."""
+    def probe_demos(self, num_demos: int, chunk_demos: list[int],
+                    answers: Sequence[str | None] | None = None) -> list[int]:
+        """Indices of the demonstrations that probe the chunk `chunk_demos` (`answers[i]`: demonstration i's answer,
+        needed by `distinct_answers`)."""
         if self.probe == "self":
             return list(chunk_demos)
         chunk = set(chunk_demos)
@@ -1107,11 +1117,23 @@ class EmlocMethod(CompressionMethod):
         if self.probe == "future":  # the next demonstrations, then (for the last chunks) the first ones
             after = max(chunk_demos) + 1 if chunk_demos else 0
             ordered = [i for i in range(after, num_demos)] + [i for i in range(after) if i not in chunk]
+        else:  # a deterministic spread over the demonstrations outside the chunk, different for each chunk
+            step = max(1, len(others) // self.probe_size)
+            offset = chunk_demos[0] % step if chunk_demos else 0
+            ordered = others[offset::step]
+        if not self.distinct_answers:
             return ordered[: self.probe_size]
-        # a deterministic spread over the demonstrations outside the chunk, different for each chunk
-        step = max(1, len(others) // self.probe_size)
-        offset = chunk_demos[0] % step if chunk_demos else 0
-        return others[offset::step][: self.probe_size]
+        if answers is None:
+            raise ValueError("distinct_answers needs the demonstrations' answers")
+        listed = set(ordered)
+        ordered = ordered + [i for i in others if i not in listed]  # `heldout`: after its spread, every other row
+        taken, seen = [], set()
+        for i in ordered:
+            if len(taken) < self.probe_size and answers[i] not in seen:
+                taken.append(i)
+                seen.add(answers[i])
+        chosen = set(taken)
+        return taken + [i for i in ordered if i not in chosen][: self.probe_size - len(taken)]
 
     def choice_ids(self, builder: "MemoryBuilder", probe_demos: list[int]) -> torch.Tensor | None:
         """First tokens of the probe rows' choices (`over="choices"`), or None to compare whole distributions."""
@@ -1124,7 +1146,8 @@ class EmlocMethod(CompressionMethod):
         return torch.tensor(sorted(first), dtype=torch.long) if len(first) > 1 else None
 
     def compress(self, builder, memory, chunk, chunk_demos):
-        demos = self.probe_demos(len(builder.context.demos), chunk_demos)
+        answers = [example.answer for example in builder.context.examples] if self.distinct_answers else None
+        demos = self.probe_demos(len(builder.context.demos), chunk_demos, answers)
         choice_ids = self.choice_ids(builder, demos)
         # a distribution over the choices is the decision at the first answer token; later positions continue a choice
         positions = "first" if choice_ids is not None else self.positions
@@ -1252,9 +1275,9 @@ class EmlocQueryMethod(EmlocMethod):
     def params(self) -> dict:
         """Every option, so that a memory says exactly which rule made it."""
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
-                "protect": self.protect, "positions": self.positions, "over": self.over,
-                "layer_group": self.layer_group, "search": self.search, "budget": self.budget, "reuse": self.reuse,
-                "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
+                "distinct_answers": self.distinct_answers, "protect": self.protect, "positions": self.positions,
+                "over": self.over, "layer_group": self.layer_group, "search": self.search, "budget": self.budget,
+                "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
 
 
 class MemoryBuilder:

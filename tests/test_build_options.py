@@ -73,6 +73,25 @@ def test_future_probe_uses_demonstrations_no_memory_has_seen():
         assert not set(EmlocMethod(probe="heldout", probe_size=3).probe_demos(10, chunk)) & set(chunk)
 
 
+def test_distinct_answers_probe_takes_rows_of_other_answers_first():
+    answers = ["a", "a", "a", "a", "b", "a", "c", "a", "a", "b"]
+    method = EmlocMethod(probe="future", probe_size=3, distinct_answers=True)
+    # after demonstrations 0-1: row 2 (a), then the next rows of another answer, 4 (b) and 6 (c)
+    assert method.probe_demos(10, [0, 1], answers) == [2, 4, 6]
+    # after 6-7 come 8 (a), 9 (b), then 0-5 (a and b only: c, row 6, is in the chunk): the third row is the next in order
+    assert method.probe_demos(10, [6, 7], answers) == [8, 9, 0]
+    # one answer everywhere: the plain future rows
+    assert method.probe_demos(10, [0, 1], ["a"] * 10) == EmlocMethod(probe="future", probe_size=3).probe_demos(10, [0, 1])
+    heldout = EmlocMethod(probe="heldout", probe_size=2, distinct_answers=True).probe_demos(10, [0, 1], answers)
+    assert len(heldout) == 2 and len({answers[i] for i in heldout}) == 2 and not set(heldout) & {0, 1}
+    assert "distinct_answers" not in EmlocMethod().params()
+    assert EmlocMethod(probe="future", distinct_answers=True).params()["distinct_answers"] is True
+    with pytest.raises(ValueError, match="answers"):
+        method.probe_demos(10, [0, 1])
+    with pytest.raises(ValueError, match="probe='self'"):
+        EmlocMethod(distinct_answers=True)
+
+
 def test_first_position_scores_one_position_per_probe_row(tiny):
     from modeling_emloc import Probe
 
