@@ -1027,6 +1027,12 @@ class EmlocMethod(CompressionMethod):
             takes the smallest ratio within its allowance that meets `delta`, else the largest one within it (least
             divergence). Savings of easy layers flow to harder ones; the chunk never exceeds the budget (beyond the
             always-kept answer tokens).
+        relative: a bound relative to what the chunk does to the probe: a chunk's bound becomes the smaller of `delta`
+            and `relative` × the JS of removing the whole chunk (one more probe run per chunk). Under the paper's
+            fixed bound, a chunk that changes the probe rows little even when removed (the memory before it already
+            answers them) passes at the floor in every layer; when every chunk is like that, the memory drops them all
+            and drifts (reason 4 of "Why this default"). With `relative=0.5` a pruned chunk must keep at least about
+            half of its effect on the rows.
         reuse: `"none"` (the paper) searches every chunk; `"verify"` first tries the previous chunk's ratios on this
             chunk (its own importance, every layer pruned at once, one probe run from the bottom layer) and keeps them
             when the JS stays within `delta`, searching only when it does not. The accepted memory meets the same
@@ -1062,6 +1068,7 @@ class EmlocMethod(CompressionMethod):
     search: str = "grid"
     bisect_steps: int = 4
     budget: float | None = None
+    relative: float | None = None
     reuse: str = "none"
     rerun: str = "rows"
     probe_at: str = "chunk"
@@ -1083,6 +1090,8 @@ class EmlocMethod(CompressionMethod):
             raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
+        if self.relative is not None and not self.relative > 0.0:
+            raise ValueError(f"relative must be positive, got {self.relative}")
         if self.distinct_answers and self.probe == "self":
             raise ValueError("distinct_answers chooses the rows of a 'heldout' or 'future' probe; probe='self' has none "
                              "to choose")
@@ -1102,6 +1111,8 @@ class EmlocMethod(CompressionMethod):
             params.update(search=self.search, bisect_steps=self.bisect_steps)
         if self.budget is not None:
             params["budget"] = self.budget
+        if self.relative is not None:
+            params["relative"] = self.relative
         return params
 
     def probe_demos(self, num_demos: int, chunk_demos: list[int],
@@ -1163,10 +1174,17 @@ class EmlocMethod(CompressionMethod):
         kept: dict[int, torch.Tensor | None] = {}
         chosen, divergences = {}, {}
         extra = self.protect == "extra"
-        reused = self._reuse(builder, probe, answers, extra)
+        bound, bound_stats = self.delta, {}
+        if self.relative is not None:
+            # the JS of the rows with the chunk removed from every layer: its whole effect on them
+            nothing = torch.zeros(builder.family.num_kv_heads, 0, dtype=torch.long, device=chunk.positions.device)
+            removed = probe.divergence(0, {layer: nothing for layer in range(num_layers)})
+            bound = min(self.delta, self.relative * removed)
+            bound_stats = {"removed_js": round(removed, 9), "bound": round(bound, 9)}
+        reused = self._reuse(builder, probe, answers, extra, bound)
         if reused is not None:
             index, ratios, js = reused
-            stats = {"ratios": ratios, "js": [round(js, 6)] * num_layers, "reused": True,
+            stats = {"ratios": ratios, "js": [round(js, 6)] * num_layers, "reused": True, **bound_stats,
                      "probe_layer_passes": probe.passes, "probe_evaluations": probe.evaluations}
             return index, stats
 
@@ -1181,11 +1199,11 @@ class EmlocMethod(CompressionMethod):
             if budget_left is not None:
                 allowance = budget_left / (group[0] + len(group))  # per layer, over this group and those below
                 grid = [r for r in self.ratios if r <= allowance + 1e-9] or [self.ratios[0]]
-                decision = self._first_passing(evaluate, group, grid, keep_whole=False)
+                decision = self._first_passing(evaluate, group, grid, bound, keep_whole=False)
             elif self.search == "bisect":
-                decision = self._bisect(evaluate, group)
+                decision = self._bisect(evaluate, group, bound)
             else:
-                decision = self._first_passing(evaluate, group, self.ratios, keep_whole=True)
+                decision = self._first_passing(evaluate, group, self.ratios, bound, keep_whole=True)
             index, ratio, js = decision
             for layer in group:
                 kept[layer] = None if index is None else index[layer]
@@ -1196,6 +1214,7 @@ class EmlocMethod(CompressionMethod):
         stats = {
             "ratios": [round(chosen[l], 4) for l in range(num_layers)],
             "js": [round(divergences[l], 6) for l in range(num_layers)],
+            **bound_stats,
             "probe_layer_passes": probe.passes,
             "probe_evaluations": probe.evaluations,  # restarting each from layer 0 would cost evaluations x L passes
         }
@@ -1203,9 +1222,10 @@ class EmlocMethod(CompressionMethod):
             stats["reused"] = False
         return [kept[l] for l in range(num_layers)], stats
 
-    def _reuse(self, builder, probe: Probe, answers: torch.Tensor, extra: bool) -> tuple[list, list, float] | None:
+    def _reuse(self, builder, probe: Probe, answers: torch.Tensor, extra: bool,
+               bound: float) -> tuple[list, list, float] | None:
         """`reuse="verify"`: the previous chunk's per-layer ratios applied to this chunk, with their whole-stack JS,
-        if it stays within `delta` (None otherwise, or when there is no previous chunk of this build)."""
+        if it stays within `bound` (None otherwise, or when there is no previous chunk of this build)."""
         previous = builder.chunk_stats[-1] if self.reuse == "verify" and builder.chunk_stats else None
         if previous is None or "ratios" not in previous:
             return None
@@ -1213,29 +1233,29 @@ class EmlocMethod(CompressionMethod):
         index = [None if ratio >= 1.0 else top_tokens(probe.importance[layer], ratio, answers, extra)
                  for layer, ratio in enumerate(ratios)]
         js = probe.divergence(0, dict(enumerate(index)))
-        return (index, previous["ratios"], js) if js <= self.delta else None
+        return (index, previous["ratios"], js) if js <= bound else None
 
-    def _first_passing(self, evaluate, group, grid, keep_whole):
-        """The smallest ratio of `grid` meeting `delta`; otherwise the whole chunk (faithful rule) or, under a budget,
+    def _first_passing(self, evaluate, group, grid, bound, keep_whole):
+        """The smallest ratio of `grid` meeting `bound`; otherwise the whole chunk (faithful rule) or, under a budget,
         the largest ratio of the grid."""
         last = None
         for ratio in grid:
             index, js = evaluate(group, ratio)
-            if js <= self.delta:
+            if js <= bound:
                 return index, ratio, js
             last = (index, ratio, js)
         return (None, 1.0, 0.0) if keep_whole else last
 
-    def _bisect(self, evaluate, group):
+    def _bisect(self, evaluate, group, bound):
         low, high = self.ratios[0], 1.0
         index, js = evaluate(group, low)
-        if js <= self.delta:
+        if js <= bound:
             return index, low, js
         best = (None, 1.0, 0.0)
         for _ in range(self.bisect_steps):
             middle = (low + high) / 2
             index, js = evaluate(group, middle)
-            if js <= self.delta:
+            if js <= bound:
                 best, high = (index, middle, js), middle
             else:
                 low = middle
@@ -1277,7 +1297,7 @@ class EmlocQueryMethod(EmlocMethod):
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
                 "distinct_answers": self.distinct_answers, "protect": self.protect, "positions": self.positions,
                 "over": self.over, "layer_group": self.layer_group, "search": self.search, "budget": self.budget,
-                "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
+                "relative": self.relative, "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
 
 
 class MemoryBuilder:

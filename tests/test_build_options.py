@@ -347,3 +347,24 @@ def test_windowing_the_probe_as_a_query_changes_nothing_without_sliding_windows(
     for a, b in zip(default.layers, probe.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
         torch.testing.assert_close(a.positions, b.positions, atol=0, rtol=0)
+
+
+def test_a_relative_bound_is_the_smaller_of_delta_and_a_share_of_removing_the_chunk(tiny):
+    model, processor, _ = tiny("llama")
+    memory = _build(model, processor, delta=0.002, probe="future", relative=0.5)
+    assert memory.stats["method"]["params"]["relative"] == 0.5
+    for chunk in memory.stats["build"]["chunks"]:
+        assert chunk["removed_js"] > 0
+        assert chunk["bound"] == pytest.approx(min(0.002, 0.5 * chunk["removed_js"]), rel=1e-3, abs=1e-9)
+        assert all(js <= chunk["bound"] for js, ratio in zip(chunk["js"], chunk["ratios"]) if ratio < 1.0)
+    # a share so large that the bound is always delta: the paper's decisions, byte for byte
+    loose = _build(model, processor, delta=0.002, probe="future", relative=1e9)
+    fixed = _build(model, processor, delta=0.002, probe="future")
+    assert loose.tokens_per_layer() == fixed.tokens_per_layer()
+    for a, b in zip(loose.layers, fixed.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+    # a share so small that no pruning passes: every chunk is kept whole
+    strict = _build(model, processor, delta=0.002, probe="future", relative=1e-9)
+    assert strict.tokens_per_layer() == _build(model, processor, method="full").tokens_per_layer()
+    with pytest.raises(ValueError, match="relative"):
+        EmlocMethod(relative=0.0)
