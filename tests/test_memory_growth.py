@@ -249,6 +249,8 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     assert params.pop("rerun") == "rows"  # nor a rerun option: it reran whole probe rows
     assert params.pop("probe_at") == "chunk"  # nor probe placement: rows right after the chunk
     params.pop("sliding")  # nor a sliding-window option, which changes nothing on a model without sliding windows
+    assert params.pop("distinct_answers") is False  # nor a choice of probe rows by answer: rows in order
+    assert params.pop("relative") is None  # nor a relative bound: delta alone
     refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
