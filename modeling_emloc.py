@@ -1032,7 +1032,7 @@ class EmlocMethod(CompressionMethod):
             fixed bound, a chunk that changes the probe rows little even when removed (the memory before it already
             answers them) passes at the floor in every layer; when every chunk is like that, the memory drops them all
             and drifts (reason 4 of "Why this default"). With `relative=0.5` a pruned chunk must keep at least about
-            half of its effect on the rows.
+            half of its effect on the rows; a chunk with no effect on them at all is kept whole.
         reuse: `"none"` (the paper) searches every chunk; `"verify"` first tries the previous chunk's ratios on this
             chunk (its own importance, every layer pruned at once, one probe run from the bottom layer) and keeps them
             when the JS stays within `delta`, searching only when it does not. The accepted memory meets the same
@@ -1297,7 +1297,8 @@ class EmlocQueryMethod(EmlocMethod):
         return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
                 "distinct_answers": self.distinct_answers, "protect": self.protect, "positions": self.positions,
                 "over": self.over, "layer_group": self.layer_group, "search": self.search, "budget": self.budget,
-                "relative": self.relative, "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at, "sliding": self.sliding}
+                "relative": self.relative, "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at,
+                "sliding": self.sliding}
 
 
 class MemoryBuilder:
