@@ -1157,8 +1157,8 @@ class EmlocMethod(CompressionMethod):
         return torch.tensor(sorted(first), dtype=torch.long) if len(first) > 1 else None
 
     def compress(self, builder, memory, chunk, chunk_demos):
-        answers = [example.answer for example in builder.context.examples] if self.distinct_answers else None
-        demos = self.probe_demos(len(builder.context.demos), chunk_demos, answers)
+        demo_answers = [example.answer for example in builder.context.examples] if self.distinct_answers else None
+        demos = self.probe_demos(len(builder.context.demos), chunk_demos, demo_answers)
         choice_ids = self.choice_ids(builder, demos)
         # a distribution over the choices is the decision at the first answer token; later positions continue a choice
         positions = "first" if choice_ids is not None else self.positions
