@@ -6,8 +6,9 @@ scikit-learn copy of Fisher's data) from 90 demonstrations. The demo compares, o
 * zero-shot            no demonstrations;
 * full context         all demonstrations as an uncompressed prefix cache;
 * EMLoC (paper)        the demonstrations compressed chunk by chunk under a Jensen-Shannon bound (paper defaults);
-* emloc default        `build_memory` with no method: the paper's rule probed with unseen demonstrations and judged
-                       on the choices (`emloc-query`, README "Why this default");
+* emloc default        `build_memory` with no method: the paper's rule probed with unseen demonstrations, judged
+                       on the choices, each chunk bounded relative to its own effect (`emloc-query`, README "Why
+                       this default");
 * default + retrieve=8 the same memory, each query attending only to its 8 nearest demonstrations' kept tokens
                        (retrieval inside the memory, README).
 

@@ -206,6 +206,11 @@ def test_the_default_method_is_the_chosen_preset_and_records_every_option(tiny):
     assert method["name"] == "emloc-query"
     assert method["params"] == {**EmlocQueryMethod().params(), "chunk_size": 2}
     assert {"probe", "over", "layer_group", "protect", "positions", "delta", "ratios"} <= set(method["params"])
+    # the default's bound is relative to what removing each chunk does to its probe rows
+    assert method["params"]["relative"] == 0.5
+    for chunk in memory.stats["build"]["chunks"]:
+        assert chunk["bound"] == pytest.approx(min(method["params"]["delta"], 0.5 * chunk["removed_js"]), rel=1e-3,
+                                               abs=1e-9)
     # the config's delta / ratios / probe set the paper rule only
     paper = model.build_memory(demos_for("llama", 4), processor=processor, method="emloc", chunk_size=2)
     assert paper.stats["method"]["params"] == {"delta": model.config.delta, "ratios": list(model.config.ratios),

@@ -236,11 +236,12 @@ def test_builds_give_the_memory_bytes_of_the_implementation_before(tiny, tmp_pat
 
 
 def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(tiny, tmp_path):
-    """`build_memory` with no method arguments, against the implementation before given the same rule (the options the
-    default records in its `method.params`), where that implementation has them."""
+    """`build_memory` with no method arguments but the fixed bound (`relative=None`: the implementation before had no
+    relative bound), against the implementation before given the same rule (the options the default records in its
+    `method.params`), where that implementation has them."""
     model, processor, base_dir = tiny("llama")
     demos = write_jsonl(tmp_path / "demos", demos_for("llama", 9))
-    memory = model.build_memory(demos, processor=processor)
+    memory = model.build_memory(demos, processor=processor, relative=None)
     method = memory.stats["method"]
     assert method["name"] == "emloc-query"
     # the default is the paper's rule with options the implementation before already had as `method="emloc"` options
@@ -250,7 +251,7 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     assert params.pop("probe_at") == "chunk"  # nor probe placement: rows right after the chunk
     params.pop("sliding")  # nor a sliding-window option, which changes nothing on a model without sliding windows
     assert params.pop("distinct_answers") is False  # nor a choice of probe rows by answer: rows in order
-    assert params.pop("relative") is None  # nor a relative bound: delta alone
+    assert params.pop("relative") is None  # nor a relative bound (the default's 0.5, set aside above): delta alone
     refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
