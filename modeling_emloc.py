@@ -1053,6 +1053,11 @@ class EmlocMethod(CompressionMethod):
             from the end then reaches the rows only through the global layers (Gemma 3: one layer in six), as it
             reaches a query; rows right after it also read it through the sliding layers, which hides what pruning
             the global layers costs. No effect on a model without sliding windows.
+        importance: which attention ranks a chunk's tokens. `"probe"`: the probe rows' (the paper's, whose rows are
+            the chunk's own); `"chunk"`: the chunk's own demonstrations' attention, from the positions predicting
+            their answers, whatever rows judge the JS bound (one probe pass more per chunk; none with
+            `probe="self"`). Rows that follow the chunk attend to what helps them answer, mostly the earlier answers;
+            a demonstration's own answer attends to the tokens that decide it.
     """
 
     name: ClassVar[str] = "emloc"
@@ -1073,16 +1078,19 @@ class EmlocMethod(CompressionMethod):
     rerun: str = "rows"
     probe_at: str = "chunk"
     sliding: str = "probe"
+    importance: str = "probe"
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
-             "layer_group": 1, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe"}
+             "layer_group": 1, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe",
+             "importance": "probe"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
                    "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
-                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query")}
+                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
+                   "importance": ("probe", "chunk")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -1104,7 +1112,7 @@ class EmlocMethod(CompressionMethod):
         if self.probe != "self":
             params["probe_size"] = self.probe_size
         for option in ("distinct_answers", "protect", "positions", "over", "layer_group", "reuse", "rerun", "probe_at",
-                       "sliding"):
+                       "sliding", "importance"):
             if getattr(self, option) != self.PAPER[option]:
                 params[option] = getattr(self, option)
         if self.search != "grid":
@@ -1164,10 +1172,18 @@ class EmlocMethod(CompressionMethod):
         positions = "first" if choice_ids is not None else self.positions
         as_query = self.probe_at == "end" or self.sliding == "query"
         query_position = builder.query_position(chunk, chunk_demos) if as_query else None
+        own_importance = None
+        if self.importance == "chunk" and demos != list(chunk_demos):
+            # the paper's importance: the attention of the chunk's own demonstrations, right after it, from the
+            # positions that predict their answers. Run first and let go: every probe works in the same scratch room
+            own_importance = Probe(builder, memory, chunk, [builder.context.demos[i] for i in chunk_demos],
+                                   positions=self.positions).importance
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
                       choice_ids=choice_ids, rerun=self.rerun,
                       start_position=query_position if self.probe_at == "end" else None,
                       window_position=query_position if self.sliding == "query" else None)
+        if own_importance is not None:
+            probe.importance = own_importance
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers
@@ -1303,7 +1319,7 @@ class EmlocQueryMethod(EmlocMethod):
                 "distinct_answers": self.distinct_answers, "protect": self.protect, "positions": self.positions,
                 "over": self.over, "layer_group": self.layer_group, "search": self.search, "budget": self.budget,
                 "relative": self.relative, "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at,
-                "sliding": self.sliding}
+                "sliding": self.sliding, "importance": self.importance}
 
 
 class MemoryBuilder:

@@ -373,3 +373,24 @@ def test_a_relative_bound_is_the_smaller_of_delta_and_a_share_of_removing_the_ch
     assert strict.tokens_per_layer() == _build(model, processor, method="full").tokens_per_layer()
     with pytest.raises(ValueError, match="relative"):
         EmlocMethod(relative=0.0)
+
+
+def test_importance_from_the_chunks_own_demonstrations(tiny):
+    model, processor, _ = tiny("llama")
+    # with the paper's self-probe the chunk's own rows are the probe rows: the same memory, byte for byte
+    paper, own = _build(model, processor), _build(model, processor, importance="chunk")
+    assert own.stats["method"]["params"]["importance"] == "chunk" and "importance" not in paper.stats["method"]["params"]
+    for a, b in zip(paper.layers, own.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+    # every layer passes at one ratio (delta that large): the kept tokens are then the ranking's top half, and a future
+    # probe with the chunk's own importance keeps what the self-probe keeps, not what the future rows attend to
+    passing = {"delta": 1e9, "ratios": (0.5,)}
+    future_own = _build(model, processor, probe="future", importance="chunk", **passing)
+    self_probe = _build(model, processor, probe="self", **passing)
+    future = _build(model, processor, probe="future", **passing)
+    for a, b in zip(future_own.layers, self_probe.layers):
+        torch.testing.assert_close(a.positions, b.positions, atol=0, rtol=0)
+        torch.testing.assert_close(a.keys, b.keys, atol=0, rtol=0)
+    assert any(not torch.equal(a.positions, b.positions) for a, b in zip(future_own.layers, future.layers))
+    with pytest.raises(ValueError, match="importance must be one of"):
+        EmlocMethod(importance="keys")
