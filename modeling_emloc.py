@@ -745,12 +745,15 @@ class Probe:
     position, i.e. every position whose next token belongs to the answer span (§3.2, Eq. 3-5); `positions="first"`
     scores only the position predicting each row's first answer token (the one that decides the class when labels
     span several tokens). `choice_ids` (`[num_choices]`) restricts the compared distributions to those tokens (the
-    first token of each choice, renormalised): the decision itself rather than the whole vocabulary.
+    first token of each choice, renormalised): the decision itself rather than the whole vocabulary. `importance`
+    (per layer `[kv_heads, chunk_length]`) ranks the chunk's tokens by another probe's attention; this probe's pass
+    then captures none.
     """
 
     def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan],
                  positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows",
-                 start_position: int | None = None, window_position: int | None = None):
+                 start_position: int | None = None, window_position: int | None = None,
+                 importance: list[torch.Tensor] | None = None):
         self.builder, self.memory, self.chunk, self.rerun = builder, memory, chunk, rerun
         family = builder.family
         batch, self.predicting = answer_rows(builder.processor, rows, positions)
@@ -769,7 +772,8 @@ class Probe:
         # every pass writes what it keeps of the chunk, then the tokens it feeds, after the memory in its own growth
         # buffers: the memory is never copied for the probe
         self.scratch = memory.scratch(chunk.length + fed)
-        observer = AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
+        observer = None if importance is not None else \
+            AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
         cache = self._cache({layer: None for layer in range(family.num_layers)}, start_layer=0)
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
         self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
@@ -778,11 +782,12 @@ class Probe:
         del cache
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
-        importance = []
-        for layer in range(family.num_layers):
-            start = memory.layers[layer].num_tokens
-            scores = observer.per_layer[layer][:, start:start + chunk.length]
-            importance.append(smooth(scores, builder.pool_width))
+        if importance is None:
+            importance = []
+            for layer in range(family.num_layers):
+                start = memory.layers[layer].num_tokens
+                scores = observer.per_layer[layer][:, start:start + chunk.length]
+                importance.append(smooth(scores, builder.pool_width))
         self.importance = importance
         self.passes = self.evaluations = 0  # layer passes of the probe, and candidate evaluations
 
@@ -1111,9 +1116,8 @@ class EmlocMethod(CompressionMethod):
         params = {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe}
         if self.probe != "self":
             params["probe_size"] = self.probe_size
-        for option in ("distinct_answers", "protect", "positions", "over", "layer_group", "reuse", "rerun", "probe_at",
-                       "sliding", "importance"):
-            if getattr(self, option) != self.PAPER[option]:
+        for option, paper in self.PAPER.items():
+            if option not in ("probe", "search") and getattr(self, option) != paper:  # those two are recorded above/below
                 params[option] = getattr(self, option)
         if self.search != "grid":
             params.update(search=self.search, bisect_steps=self.bisect_steps)
@@ -1181,9 +1185,7 @@ class EmlocMethod(CompressionMethod):
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
                       choice_ids=choice_ids, rerun=self.rerun,
                       start_position=query_position if self.probe_at == "end" else None,
-                      window_position=query_position if self.sliding == "query" else None)
-        if own_importance is not None:
-            probe.importance = own_importance
+                      window_position=query_position if self.sliding == "query" else None, importance=own_importance)
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers
