@@ -129,9 +129,19 @@ class TextFamily:
     def repeat_media(self, input_ids: torch.Tensor, media: dict, times: int) -> dict:
         raise ValueError(f"{type(self.model).__name__} is a text model: it takes no images or videos ({sorted(media)})")
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(self.model.lm_head.weight.device)
-        logits = self.model.lm_head(self.decoder.norm(hidden.to(self.decoder.norm.weight.device)).to(hidden.device))
+    def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[..., vocab]` from last-layer hidden states `[..., hidden]`; with `vocab_ids` (`[n]`) only those
+        columns `[..., n]`. The head is the largest matrix of a small model (Gemma 3 270M: 262k × 640), and reading
+        it is most of a probe evaluation's cost when the probe compares a few choices."""
+        head = self.model.lm_head
+        hidden = hidden.to(head.weight.device)
+        normed = self.decoder.norm(hidden.to(self.decoder.norm.weight.device)).to(hidden.device)
+        if vocab_ids is None:
+            logits = head(normed)
+        else:
+            vocab_ids = vocab_ids.to(head.weight.device)
+            bias = None if head.bias is None else head.bias[vocab_ids]
+            logits = torch.nn.functional.linear(normed, head.weight[vocab_ids], bias)
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -793,8 +803,7 @@ class Probe:
 
     def _logits(self, scored_hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[num_scored, vocab or num_choices]` from the hidden states at the scored positions `[num_scored, hidden]`."""
-        logits = self.builder.family.logits(scored_hidden)
-        return logits if self.choice_ids is None else logits[:, self.choice_ids]
+        return self.builder.family.logits(scored_hidden, self.choice_ids)
 
     def _cache(self, kept: dict[int, torch.Tensor | None], start_layer: int) -> EmlocCache:
         """A cache (batch 1) over the memory plus the chunk tokens `kept[l]` (None = all) in layers `start_layer…`, in

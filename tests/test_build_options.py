@@ -115,6 +115,8 @@ def test_first_position_scores_one_position_per_probe_row(tiny):
     choice_ids = torch.tensor([5, 9, 17])
     over = Probe(builder, memory, chunk, rows, positions="first", choice_ids=choice_ids)
     assert over.reference.shape == (2, 3)
+    # the head is applied to those tokens only: the same distribution as the whole vocabulary's, renormalised
+    torch.testing.assert_close(over.reference, torch.log_softmax(first.reference[:, choice_ids], dim=-1))
     torch.testing.assert_close(over.reference.exp().sum(-1), torch.ones(2))
     assert over.divergence(0, {}) == pytest.approx(0.0, abs=1e-6)
 
@@ -141,6 +143,19 @@ def test_packed_probe_rows_answer_as_each_row_alone(tiny, family):
         alone.append(torch.log_softmax(model.family.logits(hidden[predicting.to(hidden.device)]).float(), dim=-1))
     torch.testing.assert_close(probe.reference, torch.cat(alone), atol=1e-4, rtol=1e-4)
     assert probe.divergence(0, {}) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2-vl"])
+def test_the_head_on_a_few_tokens_gives_their_columns_of_the_whole_vocabulary(tiny, family, monkeypatch):
+    """`family.logits(hidden, vocab_ids)` reads only those rows of the head (final norm and soft-capping included)."""
+    model, _, _ = tiny(family)
+    if family == "gemma3":  # Gemma 2's soft-capping, which a Gemma 3 config may also set
+        monkeypatch.setattr(model.family.text_config, "final_logit_softcapping", 1.0)
+    hidden = torch.randn(2, 5, model.family.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([7, 3, 11])
+    some = model.family.logits(hidden, ids)
+    assert some.shape == (2, 5, 3)
+    torch.testing.assert_close(some, model.family.logits(hidden)[..., ids])
 
 
 def test_choices_divergence_uses_the_first_tokens_of_the_choices(tiny):
