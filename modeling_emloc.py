@@ -136,12 +136,14 @@ class TextFamily:
         head = self.model.lm_head
         hidden = hidden.to(head.weight.device)
         normed = self.decoder.norm(hidden.to(self.decoder.norm.weight.device)).to(hidden.device)
-        if vocab_ids is None:
-            logits = head(normed)
-        else:
+        if vocab_ids is not None and type(head) is torch.nn.Linear:
             vocab_ids = vocab_ids.to(head.weight.device)
             bias = None if head.bias is None else head.bias[vocab_ids]
             logits = torch.nn.functional.linear(normed, head.weight[vocab_ids], bias)
+        else:  # the whole head (a wrapped or quantised head has no rows to take)
+            logits = head(normed)
+            if vocab_ids is not None:
+                logits = logits[..., vocab_ids.to(logits.device)]
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

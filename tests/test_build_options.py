@@ -157,6 +157,18 @@ def test_the_head_on_a_few_tokens_gives_their_columns_of_the_whole_vocabulary(ti
     assert some.shape == (2, 5, 3)
     torch.testing.assert_close(some, model.family.logits(hidden)[..., ids])
 
+    class WrappedHead(torch.nn.Module):  # e.g. an adapter around the head: its rows are not the head's output
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.weight = inner, inner.weight
+
+        def forward(self, x):
+            return 2.0 * self.inner(x)
+
+    monkeypatch.setattr(model.family.model, "lm_head", WrappedHead(model.family.model.lm_head))
+    torch.testing.assert_close(model.family.logits(hidden, ids), model.family.logits(hidden)[..., ids])
+    assert not torch.allclose(model.family.logits(hidden, ids), some)
+
 
 def test_choices_divergence_uses_the_first_tokens_of_the_choices(tiny):
     from modeling_emloc import MemoryBuilder
