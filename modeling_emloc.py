@@ -1327,12 +1327,11 @@ class EmlocQueryMethod(EmlocMethod):
     relative: float | None = 0.5
 
     def params(self) -> dict:
-        """Every option, so that a memory says exactly which rule made it."""
-        return {"delta": self.delta, "ratios": list(self.ratios), "probe": self.probe, "probe_size": self.probe_size,
-                "distinct_answers": self.distinct_answers, "protect": self.protect, "positions": self.positions,
-                "over": self.over, "layer_group": self.layer_group, "search": self.search, "budget": self.budget,
-                "relative": self.relative, "reuse": self.reuse, "rerun": self.rerun, "probe_at": self.probe_at,
-                "sliding": self.sliding, "importance": self.importance}
+        """Every option, in field order, so that a memory says exactly which rule made it. `bisect_steps` has never
+        been part of the default's record (a checkpoint still tells builds apart by it: `MemoryBuilder._arguments`)."""
+        params = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                  if field.name != "bisect_steps"}
+        return {**params, "ratios": list(self.ratios)}
 
 
 class MemoryBuilder:
