@@ -21,7 +21,8 @@ class EmlocConfig(PreTrainedConfig):
         chunk_size (`int`, *optional*, defaults to 4):
             Demonstrations per chunk.
         probe (`str`, *optional*, defaults to `"self"`):
-            `"self"` probes a chunk with its own demonstrations (as the paper), `"heldout"` with others.
+            `"self"` probes a chunk with its own demonstrations (as the paper); `"future"`, `"heldout"` and
+            `"self+future"` with others, or with both (`EmlocMethod`).
         pool_width (`int`, *optional*, defaults to 5):
             Width of the average pool that smooths token importance along the sequence.
         method (`str`, *optional*, defaults to `"emloc-query"`):

@@ -759,13 +759,16 @@ class Probe:
     span several tokens). `choice_ids` (`[num_choices]`) restricts the compared distributions to those tokens (the
     first token of each choice, renormalised): the decision itself rather than the whole vocabulary. `importance`
     (per layer `[kv_heads, chunk_length]`) ranks the chunk's tokens by another probe's attention; this probe's pass
-    then captures none.
+    then captures none. `row_groups` (one int per row) judges groups of rows apart: the divergence of a variant is then
+    the largest of the groups' mean JS, so that one group's rows cannot make up for another's; `rank_group` lets only
+    that group's scored positions rank the chunk's tokens (None: every scored position).
     """
 
     def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan],
                  positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows",
                  start_position: int | None = None, window_position: int | None = None,
-                 importance: list[torch.Tensor] | None = None):
+                 importance: list[torch.Tensor] | None = None, row_groups: list[int] | None = None,
+                 rank_group: int | None = None):
         self.builder, self.memory, self.chunk, self.rerun = builder, memory, chunk, rerun
         family = builder.family
         batch, self.predicting = answer_rows(builder.processor, rows, positions)
@@ -776,6 +779,11 @@ class Probe:
         # the rows packed into one, each its own segment: every row reads the same memory, with no per-row copy of it
         self.segment, self.predicting = pack_rows(builder.model._segment(batch, start_position=start_position),
                                                   self.predicting.to(builder.model.model.device))
+        # the group of each scored position, in the order of `hidden[self.predicting]` (a packed row's segment is its row)
+        self.scored_groups = None
+        if row_groups is not None:
+            rows_of_scored = self.segment.segments[0][self.predicting[0]]
+            self.scored_groups = torch.tensor(row_groups, device=rows_of_scored.device)[rows_of_scored]
         # `sliding="query"`: in sliding-window layers the rows see the prefix as a query at `window_position` would
         self.window_shift = 0 if window_position is None else max(0, window_position - start_position)
         fed = self.segment.hidden.shape[1]
@@ -784,8 +792,12 @@ class Probe:
         # every pass writes what it keeps of the chunk, then the tokens it feeds, after the memory in its own growth
         # buffers: the memory is never copied for the probe
         self.scratch = memory.scratch(chunk.length + fed)
+        ranking = self.predicting
+        if rank_group is not None:
+            ranking = self.predicting.clone()
+            ranking[self.predicting] = self.scored_groups == rank_group
         observer = None if importance is not None else \
-            AttentionObserver(self.predicting, slice(None), family.num_heads // family.num_kv_heads)
+            AttentionObserver(ranking, slice(None), family.num_heads // family.num_kv_heads)
         cache = self._cache({layer: None for layer in range(family.num_layers)}, start_layer=0)
         hidden, self.entering = run_layers(family, self.segment, cache, observer=observer, keep_hidden=True)
         self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
@@ -873,7 +885,10 @@ class Probe:
             logits = self._logits(hidden[self.predicting])
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
-        return js_divergence(logits, self.reference).mean().item()
+        divergences = js_divergence(logits, self.reference)
+        if self.scored_groups is None:
+            return divergences.mean().item()
+        return max(divergences[self.scored_groups == group].mean().item() for group in self.scored_groups.unique())
 
 
 def pack_rows(segment: Segment, predicting: torch.Tensor) -> tuple[Segment, torch.Tensor]:
@@ -1021,8 +1036,12 @@ class EmlocMethod(CompressionMethod):
             in the chunk, which rewards recall of that copy); `"heldout"`: `probe_size` demonstrations outside the
             chunk, spread over the context (some are already in the memory); `"future"`: the `probe_size`
             demonstrations that follow the chunk, which no part of the memory has seen yet — they are answered the
-            way a new query is (the last chunk borrows the first demonstrations).
-        probe_size: rows of a `heldout` / `future` probe.
+            way a new query is (the last chunk borrows the first demonstrations); `"self+future"`: both sets of rows,
+            each judged on its own — a candidate passes only if the mean JS of the chunk's own rows and that of the
+            `future` rows both meet the bound. On the selection splits each probe alone passed the bound too easily
+            on a task where the other held (README, "Why this default"): the chunk must keep what answers its own
+            demonstrations and what answers new ones.
+        probe_size: rows of a `heldout` / `future` probe (the `future` part of `"self+future"`).
         distinct_answers: a `heldout` / `future` probe takes, in its order, rows whose answers differ from the rows
             already taken, while the demonstrations offer them, then the next rows. Rows that share one answer cannot
             see a memory drifting towards that answer: the reference and every pruned variant agree on it.
@@ -1073,7 +1092,9 @@ class EmlocMethod(CompressionMethod):
             the chunk's own); `"chunk"`: the chunk's own demonstrations' attention, from the positions predicting
             their answers, whatever rows judge the JS bound (one probe pass more per chunk; none with
             `probe="self"`). Rows that follow the chunk attend to what helps them answer, mostly the earlier answers;
-            a demonstration's own answer attends to the tokens that decide it.
+            a demonstration's own answer attends to the tokens that decide it. `"future"` (with `probe="self+future"`
+            only): the future rows' attention ranks the tokens, as under `probe="future"`, and the chunk's own rows
+            only judge the bound beside them.
     """
 
     name: ClassVar[str] = "emloc"
@@ -1103,10 +1124,10 @@ class EmlocMethod(CompressionMethod):
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
-        choices = {"probe": ("self", "heldout", "future"), "protect": ("count", "extra"), "positions": ("answer", "first"),
-                   "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
+        choices = {"probe": ("self", "heldout", "future", "self+future"), "protect": ("count", "extra"),
+                   "positions": ("answer", "first"), "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
                    "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
-                   "importance": ("probe", "chunk")}
+                   "importance": ("probe", "chunk", "future")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -1119,6 +1140,9 @@ class EmlocMethod(CompressionMethod):
         if self.distinct_answers and self.probe == "self":
             raise ValueError("distinct_answers chooses the rows of a 'heldout' or 'future' probe; probe='self' has none "
                              "to choose")
+        if self.importance == "future" and self.probe != "self+future":
+            raise ValueError("importance='future' ranks by the future rows of probe='self+future'; "
+                             f"probe={self.probe!r} has no such rows apart")
         self.layer_group = int(self.layer_group)
         if self.layer_group < 1:
             raise ValueError(f"layer_group must be at least 1, got {self.layer_group}")
@@ -1144,6 +1168,9 @@ class EmlocMethod(CompressionMethod):
         needed by `distinct_answers`)."""
         if self.probe == "self":
             return list(chunk_demos)
+        if self.probe == "self+future":
+            future = dataclasses.replace(self, probe="future", importance="probe")
+            return list(chunk_demos) + future.probe_demos(num_demos, chunk_demos, answers)
         chunk = set(chunk_demos)
         others = [i for i in range(num_demos) if i not in chunk]
         if not others:
@@ -1193,10 +1220,15 @@ class EmlocMethod(CompressionMethod):
             # positions that predict their answers. Run first and let go: every probe works in the same scratch room
             own_importance = Probe(builder, memory, chunk, [builder.context.demos[i] for i in chunk_demos],
                                    positions=self.positions).importance
+        # `"self+future"`: the chunk's own rows and the future ones are judged apart (group 0 and 1)
+        row_groups = None
+        if self.probe == "self+future":
+            row_groups = [0] * len(chunk_demos) + [1] * (len(demos) - len(chunk_demos))
         probe = Probe(builder, memory, chunk, [builder.context.demos[i] for i in demos], positions=positions,
-                      choice_ids=choice_ids, rerun=self.rerun,
+                      choice_ids=choice_ids, rerun=self.rerun, row_groups=row_groups,
                       start_position=query_position if self.probe_at == "end" else None,
-                      window_position=query_position if self.sliding == "query" else None, importance=own_importance)
+                      window_position=query_position if self.sliding == "query" else None, importance=own_importance,
+                      rank_group=1 if self.importance == "future" else None)
         answers = chunk.token_types == ANSWER
         num_layers = builder.family.num_layers
         budget_left = None if self.budget is None else self.budget * num_layers

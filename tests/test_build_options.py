@@ -73,6 +73,82 @@ def test_future_probe_uses_demonstrations_no_memory_has_seen():
         assert not set(EmlocMethod(probe="heldout", probe_size=3).probe_demos(10, chunk)) & set(chunk)
 
 
+def test_self_and_future_probe_takes_the_chunks_rows_then_the_future_rows():
+    method = EmlocMethod(probe="self+future", probe_size=2)
+    assert method.probe_demos(10, [4, 5]) == [4, 5, 6, 7]
+    assert method.probe_demos(10, [8, 9]) == [8, 9, 0, 1]
+    assert EmlocMethod(probe="self+future", probe_size=3).params()["probe_size"] == 3
+
+
+def test_grouped_probe_rows_diverge_by_the_larger_of_the_groups_means(tiny):
+    """`row_groups` judges groups of rows apart: a variant's divergence is the larger group mean, the same as each
+    group's rows probed alone (packed rows are independent segments), not the mean over all rows."""
+    from modeling_emloc import Probe
+
+    model, processor, _ = tiny("llama")
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "llama", 5)
+    grouped = Probe(builder, memory, chunk, rows, positions="answer", row_groups=[0, 1, 1])
+    pooled = Probe(builder, memory, chunk, rows, positions="answer")
+    alone = [Probe(builder, memory, chunk, rows[:1], positions="answer"),
+             Probe(builder, memory, chunk, rows[1:], positions="answer")]
+    assert grouped.scored_groups.tolist() == [0] * int(alone[0].predicting.sum()) + [1] * int(alone[1].predicting.sum())
+    answers = chunk.token_types == ANSWER
+    found_uneven = False
+    for ratio in (0.1, 0.3, 0.6):
+        for start in (0, 1):
+            # one set of kept tokens for all four probes (each probe's own importance would choose others)
+            kept = {layer: top_tokens(pooled.importance[layer], ratio, answers) for layer in range(start, 2)}
+            groups = [probe.divergence(start, kept) for probe in alone]
+            assert grouped.divergence(start, kept) == pytest.approx(max(groups), rel=1e-4, abs=1e-7)
+            found_uneven |= abs(groups[0] - groups[1]) > 1e-4 * max(groups)
+            assert grouped.divergence(start, kept) >= pooled.divergence(start, kept) - 1e-7
+    assert found_uneven  # the groups differed somewhere, so the maximum was not also the mean
+
+
+def test_one_group_of_rows_can_rank_the_chunk_alone(tiny):
+    """`rank_group`: the chunk's tokens are ranked by that group's attention only — the ranking of those rows probing
+    alone — while every row still judges the divergence."""
+    from modeling_emloc import Probe
+
+    model, processor, _ = tiny("llama")
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "llama", 5)
+    ranked = Probe(builder, memory, chunk, rows, positions="answer", row_groups=[0, 1, 1], rank_group=1)
+    future_alone = Probe(builder, memory, chunk, rows[1:], positions="answer")
+    every_row = Probe(builder, memory, chunk, rows, positions="answer")
+    for layer in range(len(ranked.importance)):
+        torch.testing.assert_close(ranked.importance[layer], future_alone.importance[layer], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(ranked.importance[l], every_row.importance[l]) for l in range(len(ranked.importance)))
+    torch.testing.assert_close(ranked.reference, every_row.reference)
+    with pytest.raises(ValueError, match="importance='future'"):
+        EmlocMethod(probe="future", importance="future")
+    assert EmlocMethod(probe="self+future", importance="future").params()["importance"] == "future"
+
+
+def test_a_self_and_future_build_records_the_option_and_judges_both_sets_of_rows(tiny, monkeypatch):
+    import modeling_emloc
+
+    built = []
+
+    class RecordingProbe(modeling_emloc.Probe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(modeling_emloc, "Probe", RecordingProbe)
+    model, processor, _ = tiny("llama")
+    memory = _build(model, processor, "llama", 6, method="emloc-query", probe="self+future", probe_size=1,
+                    importance="future")
+    assert memory.stats["method"]["params"]["probe"] == "self+future"
+    assert memory.stats["method"]["params"]["importance"] == "future"
+    # three chunks of two demonstrations: each probe has the chunk's two rows (group 0) and the next one (group 1)
+    assert len(built) == 3
+    for probe in built:
+        assert probe.segment.segments.unique().tolist() == [0, 1, 2]
+        assert sorted(probe.scored_groups.unique().tolist()) == [0, 1]
+    for chunk in memory.stats["build"]["chunks"]:
+        assert max(chunk["js"]) <= chunk["bound"] + 1e-9
+
+
 def test_distinct_answers_probe_takes_rows_of_other_answers_first():
     answers = ["a", "a", "a", "a", "b", "a", "c", "a", "a", "b"]
     method = EmlocMethod(probe="future", probe_size=3, distinct_answers=True)
