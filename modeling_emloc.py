@@ -780,10 +780,11 @@ class Probe:
         self.segment, self.predicting = pack_rows(builder.model._segment(batch, start_position=start_position),
                                                   self.predicting.to(builder.model.model.device))
         # the group of each scored position, in the order of `hidden[self.predicting]` (a packed row's segment is its row)
-        self.scored_groups = None
+        self.scored_groups, self.group_masks = None, []
         if row_groups is not None:
             rows_of_scored = self.segment.segments[0][self.predicting[0]]
             self.scored_groups = torch.tensor(row_groups, device=rows_of_scored.device)[rows_of_scored]
+            self.group_masks = [self.scored_groups == group for group in self.scored_groups.unique()]
         # `sliding="query"`: in sliding-window layers the rows see the prefix as a query at `window_position` would
         self.window_shift = 0 if window_position is None else max(0, window_position - start_position)
         fed = self.segment.hidden.shape[1]
@@ -886,9 +887,9 @@ class Probe:
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
         divergences = js_divergence(logits, self.reference)
-        if self.scored_groups is None:
+        if not self.group_masks:
             return divergences.mean().item()
-        return max(divergences[self.scored_groups == group].mean().item() for group in self.scored_groups.unique())
+        return max(divergences[mask].mean().item() for mask in self.group_masks)
 
 
 def pack_rows(segment: Segment, predicting: torch.Tensor) -> tuple[Segment, torch.Tensor]:
@@ -1125,8 +1126,8 @@ class EmlocMethod(CompressionMethod):
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future", "self+future"), "protect": ("count", "extra"),
-                   "positions": ("answer", "first"), "over": ("vocab", "choices"), "search": ("grid", "bisect"), "reuse": ("none", "verify"),
-                   "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
+                   "positions": ("answer", "first"), "over": ("vocab", "choices"), "search": ("grid", "bisect"),
+                   "reuse": ("none", "verify"), "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
                    "importance": ("probe", "chunk", "future")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
@@ -1168,14 +1169,17 @@ class EmlocMethod(CompressionMethod):
         needed by `distinct_answers`)."""
         if self.probe == "self":
             return list(chunk_demos)
-        if self.probe == "self+future":
-            future = dataclasses.replace(self, probe="future", importance="probe")
-            return list(chunk_demos) + future.probe_demos(num_demos, chunk_demos, answers)
+        outside = self._rows_outside(num_demos, chunk_demos, answers, future=self.probe != "heldout")
+        return list(chunk_demos) + outside if self.probe == "self+future" else outside
+
+    def _rows_outside(self, num_demos: int, chunk_demos: list[int], answers: Sequence[str | None] | None,
+                      future: bool) -> list[int]:
+        """The `probe_size` rows of a `future` (or else `heldout`) probe; the chunk's own when there are no others."""
         chunk = set(chunk_demos)
         others = [i for i in range(num_demos) if i not in chunk]
         if not others:
             return list(chunk_demos)
-        if self.probe == "future":  # the next demonstrations, then (for the last chunks) the first ones
+        if future:  # the next demonstrations, then (for the last chunks) the first ones
             after = max(chunk_demos) + 1 if chunk_demos else 0
             ordered = [i for i in range(after, num_demos)] + [i for i in range(after) if i not in chunk]
         else:  # a deterministic spread over the demonstrations outside the chunk, different for each chunk
