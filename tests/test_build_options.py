@@ -482,6 +482,31 @@ def test_a_relative_bound_is_the_smaller_of_delta_and_a_share_of_removing_the_ch
         EmlocMethod(relative=0.0)
 
 
+def test_the_most_recent_chunks_are_kept_whole_after_the_same_earlier_decisions(tiny):
+    model, processor, _ = tiny("llama")
+    spans = _chunks(processor, "llama", 6, 2)
+    last = sum(len(s) for s in spans[-1])
+    compressed = _build(model, processor, delta=0.002, probe="future", probe_size=2)
+    # `recent=1` reaches into the last chunk only: that chunk is kept whole in every layer, without a probe
+    recent = _build(model, processor, delta=0.002, probe="future", probe_size=2, recent=1)
+    assert recent.stats["method"]["params"]["recent"] == 1
+    chunks = recent.stats["build"]["chunks"]
+    assert chunks[-1] == {"ratios": [1.0] * model.family.num_layers, "recent": True}
+    assert chunks[:-1] == compressed.stats["build"]["chunks"][:-1]
+    assert all(ratio < 1.0 for ratio in compressed.stats["build"]["chunks"][-1]["ratios"])  # it would have been pruned
+    # the earlier chunks' bytes are the plain build's; the last chunk follows them whole
+    for a, b in zip(recent.layers, compressed.layers):
+        before = a.num_tokens - last
+        assert a.num_tokens > b.num_tokens
+        torch.testing.assert_close(a.keys[:, :before], b.keys[:, :before], atol=0, rtol=0)
+        assert (a.token_types[:, before:] == torch.cat([s.token_types for s in spans[-1]])).all()
+    # the chunks holding the last `recent` demonstrations: 3 of 6 reach into the middle chunk too
+    wider = _build(model, processor, delta=0.002, probe="future", probe_size=2, recent=3)
+    assert [c.get("recent", False) for c in wider.stats["build"]["chunks"]] == [False, True, True]
+    with pytest.raises(ValueError, match="recent"):
+        EmlocMethod(recent=-1)
+
+
 def test_importance_from_the_chunks_own_demonstrations(tiny):
     model, processor, _ = tiny("llama")
     # with the paper's self-probe the chunk's own rows are the probe rows: the same memory, byte for byte
