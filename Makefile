@@ -30,7 +30,13 @@ test: $(VENV)/.installed kvpress
 # the benchmark (issue 9 protocol); resumable, run it in pieces: make bench BENCH_ARGS="--models smollm2-135m --tasks iris --seeds 0,1"
 # (see examples/benchmark.py --help; `--report-only` rebuilds benchmarks/report.md from the splits on disk)
 BENCH_ARGS ?=
-bench: $(VENV)/.installed kvpress
+# the fashion_text task reads Debian's dataset-fashion-mnist (a system package: apt-get, as root or through sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+bench: $(VENV)/.installed kvpress $(FASHION_MNIST)
 	$(PY) examples/benchmark.py --out benchmarks $(BENCH_ARGS)
 
 clean:

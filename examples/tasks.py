@@ -1,5 +1,5 @@
-"""Few-shot classification tasks from real data bundled with installed packages (scikit-learn), in the demonstration
-format of design §6.
+"""Few-shot classification tasks from real data bundled with installed packages (scikit-learn; Debian's
+dataset-fashion-mnist for `fashion_text`), in the demonstration format of design §6.
 
 Each task turns a table into questions with a fixed answer set: a demonstration is
 `{"id": ..., "question": "...", "answer": "setosa", "choices": ["setosa", "versicolor", "virginica"]}`.
@@ -95,8 +95,46 @@ def _diabetes():
     return rows, [labels[int(t >= median)] for t in data.target], labels, "Diabetes progression after one year"
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (`make bench` installs it)
+FASHION_LABELS = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def _idx(path: Path):
+    """An IDX file (the MNIST format, gzipped): a uint8 array shaped by its header."""
+    import gzip
+
+    import numpy as np
+
+    data = gzip.decompress(path.read_bytes())
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * d: 8 + 4 * d], "big") for d in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _fashion_text():
+    # three Fashion-MNIST classes whose silhouettes differ (trousers, sneakers, bags), chosen by shape before any model
+    # ran on them; the first 200 test images of each class, 28x28 pixels averaged to 7x7 and drawn in characters
+    # between bars like the digits (a coarser grid loses the shape, a finer one makes every demonstration long)
+    images_path, labels_path = FASHION_MNIST / "t10k-images-idx3-ubyte.gz", FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"
+    if not images_path.exists() or not labels_path.exists():
+        raise FileNotFoundError(f"fashion_text needs Debian's dataset-fashion-mnist ({FASHION_MNIST} is missing "
+                                f"{images_path.name if not images_path.exists() else labels_path.name}): "
+                                "apt-get install dataset-fashion-mnist")
+    images, targets = _idx(images_path), _idx(labels_path)
+    classes, per_class = (1, 7, 8), 200
+    keep = [i for c in classes for i in [j for j, t in enumerate(targets) if t == c][:per_class]]
+    shades = " .:-=+*#%@"
+    rows = []
+    for i in keep:
+        pooled = images[i].reshape(7, 4, 7, 4).mean(axis=(1, 3))
+        rows.append("\n".join("|" + "".join(shades[min(9, int(v * 10 / 256))] for v in line) + "|" for line in pooled))
+    names = [FASHION_LABELS[c] for c in classes]
+    return rows, [FASHION_LABELS[targets[i]] for i in keep], names, "A 7x7 drawing of a clothing item in characters"
+
+
 TASKS = {"iris": _iris, "wine": _wine, "breast_cancer": _breast_cancer, "digits_text": _digits_text,
-         "digits_text_346": _digits_text_346, "digits_text_all": _digits_text_all, "diabetes": _diabetes}
+         "digits_text_346": _digits_text_346, "digits_text_all": _digits_text_all, "diabetes": _diabetes,
+         "fashion_text": _fashion_text}
 
 
 def task_rows(name: str) -> int:
