@@ -114,7 +114,7 @@ def _idx(path: Path):
 def _fashion_text():
     # three Fashion-MNIST classes whose silhouettes differ (trousers, sneakers, bags), chosen by shape before any model
     # ran on them; the first 200 test images of each class, 28x28 pixels averaged to 7x7 and drawn in characters
-    # between bars like the digits (a coarser grid loses the shape, a finer one makes every demonstration long)
+    # between bars like the digits (7 lines of 7, about as long as an 8x8 digit drawing)
     images_path, labels_path = FASHION_MNIST / "t10k-images-idx3-ubyte.gz", FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"
     if not images_path.exists() or not labels_path.exists():
         raise FileNotFoundError(f"fashion_text needs Debian's dataset-fashion-mnist ({FASHION_MNIST} is missing "
