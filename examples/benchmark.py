@@ -356,7 +356,10 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
     """Means over tasks (each task weighs the same), with intervals for accuracy and the differences to `full` and to
     `random` at the same share (queries resampled within their task and split)."""
     kept_tasks = [t for t, entry in tasks.items() if entry.get("splits_data")]
-    complete = [l for l in labels if all(tasks[t]["methods"].get(l, {}).get("num_queries") for t in kept_tasks)]
+    # only methods measured on every split of every task: a task's queries weigh 1 / (its queries) in the mean, so a
+    # method missing some of a task's splits would weigh that task less than the others
+    complete = [l for l in labels if all(tasks[t]["methods"].get(l, {}).get("num_queries")
+                                         == sum(s["num_queries"] for s in tasks[t]["splits_data"]) for t in kept_tasks)]
     if not kept_tasks or not complete:
         return {}
     all_splits = [s for t in kept_tasks for s in tasks[t]["splits_data"]]
@@ -509,8 +512,8 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
             lines.append(f"| {MODEL_NAMES.get(model, model)} | `{label}` | {_ci(entry['accuracy'])} | "
                          f"{_num(entry.get('retained_gain'), '{:.0%}')} | {_pct(entry.get('kept_ratio'))} | "
                          f"{_num(entry.get('agreement'))} | {_ci(entry.get('vs_full'), signed=True)} | {random_cell} |")
-    lines += ["", "Means over tasks weigh every task the same; the summary lists the methods measured on every kept "
-              "task of the model. Retained gain = (accuracy − zero-shot) / (full − zero-shot) per task, then averaged.",
+    lines += ["", "Means over tasks weigh every task the same; the summary lists the methods measured on every split "
+              "of every kept task of the model. Retained gain = (accuracy − zero-shot) / (full − zero-shot) per task, then averaged.",
               ""]
     # -- per model
     for model, data in models.items():

@@ -58,8 +58,11 @@ def synthetic(tmp_path_factory):
     results["methods"]["snapkv@default"] = _method(np.random.default_rng(5), results["answers"], 0.5, 0.2, 3.0)
     path.write_text(json.dumps(results))
     splits[1][0]["snapkv@default"] = results["methods"]["snapkv@default"]
+    # a press measured on every task, but on one of iris's two splits only: pooled per task, left out of the summary
+    results["methods"]["tova@default"] = _method(np.random.default_rng(6), results["answers"], 0.55, 0.2, 3.0)
+    path.write_text(json.dumps(results))
     _write_split(model / "digits_text" / "screen-seed100", 101, 50, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
-    _write_split(model / "digits_text" / "seed0", 7, 50, SUITE)
+    _write_split(model / "digits_text" / "seed0", 7, 50, {**SUITE, "tova@default": (0.55, 0.2, 3.0)})
     _write_split(model / "wine" / "screen-seed100", 102, 50, {"zero-shot": (0.5, 0.0, 0.0), "full": (0.5, 1.0, 2.0)})
     _write_split(model / "wine" / "seed0", 8, 50, SUITE)  # on disk, but the task has no many-shot gain
     _write_split(model / "iris" / "select-seed100", 9, 60, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0),
@@ -94,7 +97,7 @@ def test_pooled_numbers_and_comparators(synthetic):
     assert methods["emloc"]["vs_random"]["against"] == "random@emloc"
     assert methods["kvzip@default"]["vs_random"]["against"] == "random@default"
     assert methods["kvzip@0.1"]["vs_random"]["against"] == "random@0.1"
-    assert set(methods["default"]["vs_same_share"]) == {"random@default", "kvzip@default", "snapkv@default"}
+    assert set(methods["default"]["vs_same_share"]) == {"random@default", "kvzip@default", "snapkv@default", "tova@default"}
     assert "vs_random" not in methods["lora[epochs=5;learning_rate=0.002]"] and "vs_random" not in methods["random@0.1"]
     assert methods["lora[epochs=5;learning_rate=0.002]"]["kept_ratio"] == 0.0
     assert methods["emloc"]["build_over_full_prefill"] == pytest.approx(10.0)
@@ -117,6 +120,8 @@ def test_dropped_tasks_summary_and_report(synthetic):
     assert model["tasks"]["wine"]["screen"]["verdict"].startswith("dropped")
     summary = model["summary"]
     assert "snapkv@default" not in summary  # not measured on digits_text
+    assert model["tasks"]["iris"]["methods"]["tova@default"]["num_splits"] == 1  # pooled over the split it ran on
+    assert "tova@default" not in summary  # on every task, not on every split: iris would weigh half as much
     assert summary["emloc"]["tasks"] == ["digits_text", "iris"]
     iris, digits = (model["tasks"][t]["methods"]["emloc"]["accuracy"]["estimate"] for t in ("iris", "digits_text"))
     assert summary["emloc"]["accuracy"]["estimate"] == pytest.approx((iris + digits) / 2)  # tasks weigh the same
