@@ -356,16 +356,17 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
     """Means over tasks (each task weighs the same), with intervals for accuracy and the differences to `full` and to
     `random` at the same share (queries resampled within their task and split)."""
     kept_tasks = [t for t, entry in tasks.items() if entry.get("splits_data")]
+    task_queries = {t: sum(s["num_queries"] for s in tasks[t]["splits_data"]) for t in kept_tasks}
     # only methods measured on every split of every task: a task's queries weigh 1 / (its queries) in the mean, so a
     # method missing some of a task's splits would weigh that task less than the others
-    complete = [l for l in labels if all(tasks[t]["methods"].get(l, {}).get("num_queries")
-                                         == sum(s["num_queries"] for s in tasks[t]["splits_data"]) for t in kept_tasks)]
+    complete = [l for l in labels
+                if all(tasks[t]["methods"].get(l, {}).get("num_queries") == task_queries[t] for t in kept_tasks)]
     if not kept_tasks or not complete:
         return {}
     all_splits = [s for t in kept_tasks for s in tasks[t]["splits_data"]]
     correct = aligned(all_splits, complete, "correct")
     groups = np.concatenate([np.full(s["num_queries"], i) for i, s in enumerate(all_splits)])
-    weights = np.concatenate([np.full(s["num_queries"], 1.0 / sum(x["num_queries"] for x in tasks[t]["splits_data"]))
+    weights = np.concatenate([np.full(s["num_queries"], 1.0 / task_queries[t])
                               for t in kept_tasks for s in tasks[t]["splits_data"]])
     contrasts = {(l, "full") for l in complete if l != "full" and "full" in complete}
     contrasts |= {(l, random_comparator(l)) for l in complete if random_comparator(l) in complete}

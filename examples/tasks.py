@@ -11,6 +11,7 @@ Splits are deterministic (a seeded shuffle, classes interleaved) so every run se
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from pathlib import Path
@@ -48,16 +49,22 @@ def _breast_cancer():
     return rows, [labels[t] for t in data.target], labels, "Tumour measurements"
 
 
+SHADES = " .:-=+*#%@"
+
+
+def _drawing(pixels, scale: float) -> str:
+    """A grey image `[rows, columns]` (values in `[0, scale)`) drawn in characters, one line per row, ten shades.
+    Each line sits between bars: a row that started with a blank would merge with the blank line before it into one
+    token (SmolLM2: "\n\n "), which no memory can be cut at (processing_emloc.TokenizationError)."""
+    return "\n".join("|" + "".join(SHADES[min(9, int(v * 10 / scale))] for v in row) + "|" for row in pixels)
+
+
 def _digits_drawn(classes: tuple[int, ...]):
     from sklearn.datasets import load_digits
 
     data = load_digits()
     keep = [i for i, t in enumerate(data.target) if t in classes]
-    shades = " .:-=+*#%@"
-    # each drawing line between bars: a row that started with a blank would merge with the blank line before it into
-    # one token (SmolLM2: "\n\n "), which no memory can be cut at (processing_emloc.TokenizationError)
-    rows = ["\n".join("|" + "".join(shades[min(9, int(v * 10 / 17))] for v in row) + "|" for row in data.images[i])
-            for i in keep]
+    rows = [_drawing(data.images[i], 17) for i in keep]
     return rows, [str(data.target[i]) for i in keep], [str(c) for c in classes], "An 8x8 digit drawn in characters"
 
 
@@ -99,8 +106,10 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fa
 FASHION_LABELS = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
+@functools.lru_cache(maxsize=4)
 def _idx(path: Path):
-    """An IDX file (the MNIST format, gzipped): a uint8 array shaped by its header."""
+    """An IDX file (the MNIST format, gzipped): a read-only uint8 array shaped by its header. Cached: `task_rows`
+    and `make_task` each load the task, and the images file is 4 MB of gzip."""
     import gzip
 
     import numpy as np
@@ -112,6 +121,8 @@ def _idx(path: Path):
 
 
 def _fashion_text():
+    import numpy as np
+
     # three Fashion-MNIST classes whose silhouettes differ (trousers, sneakers, bags), chosen by shape before any model
     # ran on them; the first 200 test images of each class, 28x28 pixels averaged to 7x7 and drawn in characters
     # between bars like the digits (7 lines of 7, about as long as an 8x8 digit drawing)
@@ -122,12 +133,8 @@ def _fashion_text():
                                 "apt-get install dataset-fashion-mnist")
     images, targets = _idx(images_path), _idx(labels_path)
     classes, per_class = (1, 7, 8), 200
-    keep = [i for c in classes for i in [j for j, t in enumerate(targets) if t == c][:per_class]]
-    shades = " .:-=+*#%@"
-    rows = []
-    for i in keep:
-        pooled = images[i].reshape(7, 4, 7, 4).mean(axis=(1, 3))
-        rows.append("\n".join("|" + "".join(shades[min(9, int(v * 10 / 256))] for v in line) + "|" for line in pooled))
+    keep = [int(i) for c in classes for i in np.flatnonzero(targets == c)[:per_class]]
+    rows = [_drawing(images[i].reshape(7, 4, 7, 4).mean(axis=(1, 3)), 256) for i in keep]
     names = [FASHION_LABELS[c] for c in classes]
     return rows, [FASHION_LABELS[targets[i]] for i in keep], names, "A 7x7 drawing of a clothing item in characters"
 
