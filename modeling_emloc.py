@@ -761,14 +761,16 @@ class Probe:
     (per layer `[kv_heads, chunk_length]`) ranks the chunk's tokens by another probe's attention; this probe's pass
     then captures none. `row_groups` (one int per row) judges groups of rows apart: the divergence of a variant is then
     the largest of the groups' mean JS, so that one group's rows cannot make up for another's; `rank_group` lets only
-    that group's scored positions rank the chunk's tokens (None: every scored position).
+    that group's scored positions rank the chunk's tokens (None: every scored position). `reference` (a memory and the
+    chunk prefilled on it, e.g. the uncompressed context so far) gives the distributions every variant is compared
+    with, from one more pass of the rows; None compares with `memory ⊕ chunk` unpruned (the paper).
     """
 
     def __init__(self, builder: "MemoryBuilder", memory: TaskMemory, chunk: ChunkState, rows: list[EncodedSpan],
                  positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows",
                  start_position: int | None = None, window_position: int | None = None,
                  importance: list[torch.Tensor] | None = None, row_groups: list[int] | None = None,
-                 rank_group: int | None = None):
+                 rank_group: int | None = None, reference: tuple[TaskMemory, ChunkState] | None = None):
         self.builder, self.memory, self.chunk, self.rerun = builder, memory, chunk, rerun
         family = builder.family
         batch, self.predicting = answer_rows(builder.processor, rows, positions)
@@ -805,6 +807,21 @@ class Probe:
         if rerun == "scored":
             self._freeze_rows(cache)
         del cache
+        self.unpruned_js = None
+        if reference is not None:
+            # the same rows after another context: the variants start from this pass's hidden states (the chunk's
+            # lower layers unpruned over the memory) and are compared with that context's answers
+            reference_memory, reference_chunk = reference
+            whole = [reference_chunk.kept(layer, None) for layer in range(family.num_layers)]
+            cache = EmlocCache([(added.keys, added.values, torch.cat([layer.positions, added.positions], dim=1))
+                                for layer, added in zip(reference_memory.layers, whole)],
+                               1, window_shift=self.window_shift, scratch=reference_memory.scratch(chunk.length + fed))
+            hidden, _ = run_layers(family, self.segment, cache)
+            unpruned = self.reference
+            self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
+            # how far `memory ⊕ chunk` already is from that context, before this chunk is pruned at all
+            self.unpruned_js = js_divergence(unpruned, self.reference).mean().item()
+            del cache, whole
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
         if importance is None:
@@ -1074,6 +1091,11 @@ class EmlocMethod(CompressionMethod):
             when the JS stays within `delta`, searching only when it does not. The accepted memory meets the same
             bound as a searched one (a search's lowest accepted decision is also a run with every layer pruned);
             consecutive chunks of one task mostly pass, so a chunk usually costs two probe runs instead of a search.
+            `"floor"` first tries the smallest ratio in every layer the same way, and searches only when it fails. A
+            search that ends at the floor everywhere ends with that very run (its last decision, at the bottom layer,
+            is the floor-everywhere memory), so such chunks get the same bytes for one run instead of a search; a
+            chunk the search would give more passes the floor here when the floor everywhere meets the bound while a
+            lone floor layer above unpruned layers did not.
         rerun: what a candidate's evaluation recomputes above the layer being decided. `"rows"` (the paper): the
             whole probe rows; `"scored"`: only the scored positions, which attend to the unpruned keys and values of
             the rows' other tokens (kept from the reference pass). Exact at the top layer; below it leaves out how the
@@ -1102,6 +1124,14 @@ class EmlocMethod(CompressionMethod):
             its bound, while compressing only the earlier ones kept the gain. The kept share grows by about the
             whole chunks' share of the context, and they cost no probe. Measured on the selection splits, `recent=4`
             repaired that split but lost the gain elsewhere, so the default keeps none (README, "Why this default").
+        reference: what a chunk's pruned variants are compared with. `"memory"` (the paper): the probe rows after the
+            memory built so far and the whole chunk, so each bound limits one chunk's step and the steps add up over
+            the chunks unchecked (reason 4 of "Why this default"); `"full"`: the rows after the uncompressed context
+            so far (every earlier demonstration unpruned) and the chunk, so the bound limits how far the memory with
+            this chunk has drifted from the full context. A chunk that cannot bring the memory within the bound is
+            kept whole, which is how a drifting memory takes back KV. The build also holds the uncompressed context
+            (it grows like a full prefill, and costs one more prefill and one more probe pass per chunk); the chunk's
+            stats record `unpruned_js`, the memory's drift before the chunk is pruned.
     """
 
     name: ClassVar[str] = "emloc"
@@ -1124,18 +1154,19 @@ class EmlocMethod(CompressionMethod):
     sliding: str = "probe"
     importance: str = "probe"
     recent: int = 0
+    reference: str = "memory"
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
              "layer_group": 1, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe",
-             "importance": "probe"}
+             "importance": "probe", "reference": "memory"}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         choices = {"probe": ("self", "heldout", "future", "self+future"), "protect": ("count", "extra"),
                    "positions": ("answer", "first"), "over": ("vocab", "choices"), "search": ("grid", "bisect"),
-                   "reuse": ("none", "verify"), "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
-                   "importance": ("probe", "chunk", "future")}
+                   "reuse": ("none", "verify", "floor"), "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
+                   "importance": ("probe", "chunk", "future"), "reference": ("memory", "full")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -1247,13 +1278,16 @@ class EmlocMethod(CompressionMethod):
                       choice_ids=choice_ids, rerun=self.rerun, row_groups=row_groups,
                       start_position=query_position if self.probe_at == "end" else None,
                       window_position=query_position if self.sliding == "query" else None, importance=own_importance,
-                      rank_group=1 if self.importance == "future" else None)
+                      rank_group=1 if self.importance == "future" else None,
+                      reference=builder.reference if self.reference == "full" else None)
         answers = chunk.token_types == ANSWER
         budget_left = None if self.budget is None else self.budget * num_layers
         kept: dict[int, torch.Tensor | None] = {}
         chosen, divergences = {}, {}
         extra = self.protect == "extra"
         bound, bound_stats = self.delta, {}
+        if probe.unpruned_js is not None:
+            bound_stats["unpruned_js"] = round(probe.unpruned_js, 9)
         if self.relative is not None:
             # the JS of the rows with the chunk removed from every layer: its whole effect on them
             nothing = torch.zeros(builder.family.num_kv_heads, 0, dtype=torch.long, device=chunk.positions.device)
@@ -1303,16 +1337,22 @@ class EmlocMethod(CompressionMethod):
 
     def _reuse(self, builder, probe: Probe, answers: torch.Tensor, extra: bool,
                bound: float) -> tuple[list, list, float] | None:
-        """`reuse="verify"`: the previous chunk's per-layer ratios applied to this chunk, with their whole-stack JS,
-        if it stays within `bound` (None otherwise, or when there is no previous chunk of this build)."""
-        previous = builder.chunk_stats[-1] if self.reuse == "verify" and builder.chunk_stats else None
-        if previous is None or "ratios" not in previous:
+        """`reuse="verify"`: the previous chunk's per-layer ratios applied to this chunk (`"floor"`: the smallest
+        ratio in every layer), with their whole-stack JS, if it stays within `bound` (None otherwise, or, for
+        `"verify"`, when there is no previous chunk of this build)."""
+        if self.reuse == "none":
             return None
-        ratios = [float(r) for r in previous["ratios"]]
+        if self.reuse == "floor":
+            ratios = [self.ratios[0]] * builder.family.num_layers
+        else:
+            previous = builder.chunk_stats[-1] if builder.chunk_stats else None
+            if previous is None or "ratios" not in previous:
+                return None
+            ratios = [float(r) for r in previous["ratios"]]
         index = [None if ratio >= 1.0 else top_tokens(probe.importance[layer], ratio, answers, extra)
                  for layer, ratio in enumerate(ratios)]
         js = probe.divergence(0, dict(enumerate(index)))
-        return (index, previous["ratios"], js) if js <= bound else None
+        return (index, [round(ratio, 4) for ratio in ratios], js) if js <= bound else None
 
     def _first_passing(self, evaluate, group, grid, bound, keep_whole):
         """The smallest ratio of `grid` meeting `bound`; otherwise the whole chunk (faithful rule) or, under a budget,
@@ -1410,6 +1450,9 @@ class MemoryBuilder:
         self.context = None
         self.start_position = 0  # the memory's next position when the build began
         self.chunk_stats: list[dict] = []
+        # `reference="full"`: the context so far unpruned, and the chunk being built prefilled on it
+        self.uncompressed: TaskMemory | None = None
+        self.reference: tuple[TaskMemory, ChunkState] | None = None
 
     @torch.no_grad()
     def build(self, demos, append_to: TaskMemory | None = None) -> TaskMemory:
@@ -1421,6 +1464,10 @@ class MemoryBuilder:
         # a memory of its own over `append_to`'s tensors: growing it never writes into the memory the user gave
         memory = TaskMemory(list(append_to.layers), append_to.next_position) if append_to is not None else self.model._empty_memory()
         self.start_position = memory.next_position
+        if getattr(self.method, "reference", "memory") == "full":
+            # over `append_to`, the given memory followed by the new demonstrations unpruned
+            self.uncompressed = (TaskMemory(list(append_to.layers), append_to.next_position) if append_to is not None
+                                 else self.model._empty_memory())
         chunk_stats, full_types, spent_before = [], [], 0.0
         self.chunk_stats = chunk_stats  # what methods may read of the chunks before (`reuse`); restored on resume
         checkpoint = None
@@ -1429,6 +1476,9 @@ class MemoryBuilder:
             for number in range(checkpoint.resume()):
                 layers, types = checkpoint.load_chunk(number)
                 memory.extend(layers, checkpoint.chunks[number]["next_position"])
+                if self.uncompressed is not None:  # not recorded: the same prefills again
+                    self._prefill_uncompressed(chunks[number], first=number == 0 and append_to is None)
+                    self._extend_uncompressed()
                 full_types.append(types)
                 chunk_stats.append(checkpoint.chunks[number]["stats"])
             spent_before = checkpoint.seconds
@@ -1454,6 +1504,7 @@ class MemoryBuilder:
         finally:
             if bar is not None:
                 bar.close()
+        self.uncompressed = self.reference = None
         memory.compact()
         memory.retrieval = self._retrieval(append_to)
         previous = append_to.stats if append_to is not None else None
@@ -1478,15 +1529,33 @@ class MemoryBuilder:
         Returns per layer the kept tokens, the chunk's token types before pruning `[chunk_len]`, the method's statistics
         and the memory's `next_position` after the chunk. The rest of the chunk's state goes when this returns.
         """
+        chunk = self.model._prefill_chunk(memory, self._chunk_span(demo_indices, first), in_place=True)
+        # the chunk's keys and values are views of the memory's growth buffers, where the probe's passes write next
+        chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+        if self.uncompressed is not None:
+            self._prefill_uncompressed(demo_indices, first)
+        kept, stats = self.method.compress(self, memory, chunk, demo_indices)
+        if self.uncompressed is not None:
+            self._extend_uncompressed()
+        layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
+        return layers, chunk.token_types.cpu(), stats, chunk.next_position
+
+    def _chunk_span(self, demo_indices: list[int], first: bool) -> EncodedSpan:
         spans = [self.context.demos[i] for i in demo_indices]
         if first:
             spans = [self.context.prefix, *spans]  # the template prefix belongs to the first chunk
-        chunk = self.model._prefill_chunk(memory, EncodedSpan.concat(spans), in_place=True)
-        # the chunk's keys and values are views of the memory's growth buffers, where the probe's passes write next
+        return EncodedSpan.concat(spans)
+
+    def _prefill_uncompressed(self, demo_indices: list[int], first: bool) -> None:
+        """`reference="full"`: prefills the chunk on the uncompressed context, as the method's reference."""
+        chunk = self.model._prefill_chunk(self.uncompressed, self._chunk_span(demo_indices, first), in_place=True)
         chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
-        kept, stats = self.method.compress(self, memory, chunk, demo_indices)
-        layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
-        return layers, chunk.token_types.cpu(), stats, chunk.next_position
+        self.reference = (self.uncompressed, chunk)
+
+    def _extend_uncompressed(self) -> None:
+        uncompressed, chunk = self.reference
+        uncompressed.extend([chunk.kept(layer, None) for layer in range(self.family.num_layers)], chunk.next_position)
+        self.reference = None
 
     def _retrieval(self, append_to: TaskMemory | None) -> RetrievalIndex | None:
         """The retrieval index of the demonstrations just built (joined to `append_to`'s), or None without

@@ -349,6 +349,79 @@ def test_reuse_verify_keeps_the_previous_decisions_when_they_pass_and_searches_w
         assert not chunk["reused"] or max(chunk["js"]) <= 0.002
 
 
+def test_reuse_floor_tries_the_floor_everywhere_first_and_searches_when_it_fails(tiny):
+    model, processor, _ = tiny("llama")
+    layers = model.family.num_layers
+
+    def same_bytes(a, b):
+        assert a.tokens_per_layer() == b.tokens_per_layer()
+        for x, y in zip(a.layers, b.layers):
+            torch.testing.assert_close(x.keys, y.keys, atol=0, rtol=0)
+            torch.testing.assert_close(x.values, y.values, atol=0, rtol=0)
+
+    # a bound everything meets: the search ends at the floor everywhere, which the first run already is
+    loose = _build(model, processor, count=8, delta=1e9, reuse="floor")
+    chunks = loose.stats["build"]["chunks"]
+    assert [c["reused"] for c in chunks] == [True] * 4
+    assert all(c["probe_evaluations"] == 1 and c["probe_layer_passes"] == layers for c in chunks)
+    assert all(c["ratios"] == [0.1] * layers for c in chunks)
+    searched = _build(model, processor, count=8, delta=1e9)
+    same_bytes(loose, searched)
+    assert sum(c["probe_evaluations"] for c in searched.stats["build"]["chunks"]) == 4 * layers
+    assert loose.stats["method"]["params"]["reuse"] == "floor"
+    # a bound nothing meets: the floor fails, and the chunk gets the search's decisions (here: kept whole)
+    strict = _build(model, processor, count=8, delta=-1.0, reuse="floor")
+    assert [c["reused"] for c in strict.stats["build"]["chunks"]] == [False] * 4
+    same_bytes(strict, _build(model, processor, count=8, delta=-1.0))
+    # in between, an accepted floor met the bound with every layer pruned at once, and no chunk searched twice
+    middle = _build(model, processor, count=8, delta=0.002, reuse="floor", ratios=(0.2, 0.5))
+    for chunk in middle.stats["build"]["chunks"]:
+        if chunk["reused"]:
+            assert chunk["ratios"] == [0.2] * layers and chunk["js"][0] <= 0.002
+        else:
+            assert chunk["probe_evaluations"] <= 1 + 2 * layers
+
+
+def test_reference_full_compares_with_the_uncompressed_context(tiny, tmp_path):
+    """`reference="full"`: the rows' reference is the context so far unpruned. Where the memory is that context (one
+    chunk, or a bound nothing meets) it is the paper's reference, to the byte; once chunks are pruned, the memory's
+    drift from it shows before the next chunk is pruned, and a resumed build rebuilds the context it compares with."""
+    from test_build_checkpoint import Stop, _stop_after as stop_after
+
+    model, processor, _ = tiny("llama")
+
+    def same_bytes(a, b):
+        assert a.tokens_per_layer() == b.tokens_per_layer()
+        for x, y in zip(a.layers, b.layers):
+            torch.testing.assert_close(x.keys, y.keys, atol=0, rtol=0)
+            torch.testing.assert_close(x.values, y.values, atol=0, rtol=0)
+
+    one_chunk = _build(model, processor, count=2, delta=0.002, reference="full")
+    same_bytes(one_chunk, _build(model, processor, count=2, delta=0.002))
+    assert one_chunk.stats["build"]["chunks"][0]["unpruned_js"] < 1e-6  # the same distributions (float rounding)
+    assert one_chunk.stats["method"]["params"]["reference"] == "full"
+    # nothing passes: every chunk is kept whole, the memory is the full context and never drifts from it
+    strict = _build(model, processor, count=8, delta=-1.0, reference="full")
+    same_bytes(strict, _build(model, processor, count=8, method="full"))
+    assert all(c["unpruned_js"] < 1e-6 for c in strict.stats["build"]["chunks"])
+    # everything passes at the floor: later chunks see a memory that has drifted from the full context
+    loose = _build(model, processor, count=8, delta=1e9, reference="full")
+    drift = [c["unpruned_js"] for c in loose.stats["build"]["chunks"]]
+    assert drift[0] < 1e-6 and all(d > 5e-6 for d in drift[1:])  # this tiny model's JS are small
+    # in between, every pruned layer met the bound against the full context; here the drift makes later chunks keep
+    # more than the paper's reference does at the same bound
+    middle = _build(model, processor, count=8, delta=3e-5, reference="full")
+    for chunk in middle.stats["build"]["chunks"]:
+        for ratio, js in zip(chunk["ratios"], chunk["js"]):
+            assert ratio == 1.0 or js <= 3e-5
+    paper_reference = _build(model, processor, count=8, delta=3e-5)
+    assert middle.stats["totals"]["kept_ratio"] > paper_reference.stats["totals"]["kept_ratio"]
+    demos, params = demos_for("llama", 8), {"method": "emloc", "delta": 3e-5, "reference": "full", "chunk_size": 2}
+    with pytest.raises(Stop):
+        model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", progress=stop_after(2), **params)
+    same_bytes(model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", **params), middle)
+
+
 def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
     """The previous chunk's decisions come back from the checkpoint, so a resumed build reuses what an unbroken one
     does."""
