@@ -253,6 +253,7 @@ def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(t
     assert params.pop("distinct_answers") is False  # nor a choice of probe rows by answer: rows in order
     assert params.pop("relative") is None  # nor a relative bound (the default's 0.5, set aside above): delta alone
     assert params.pop("importance") == "probe"  # nor another ranking than the probe rows' attention
+    assert params.pop("reference") == "memory"  # nor another reference than the memory and the chunk unpruned
     refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
     assert refused == {}
     _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")
