@@ -729,7 +729,7 @@ def plot_model(out: Path, model: str, data: dict) -> Path | None:
 SCALING_SCRIPT = """
 import json, resource, sys, time, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/examples"]
-from evaluate_memory import load_model, machine_description
+from evaluate_memory import load_model, machine_description, parse_methods
 from tasks import make_task
 model, processor, _ = load_model(sys.argv[6], None)
 demos, queries = make_task(sys.argv[2], int(sys.argv[3]), 10)
@@ -744,7 +744,8 @@ def sample():
     while building[0]:
         peak[0] = max(peak[0], rss_mb()); time.sleep(0.02)
 sampler = threading.Thread(target=sample, daemon=True); sampler.start()
-method = {} if sys.argv[4] == "default" else {"method": sys.argv[4]}
+spec = parse_methods(sys.argv[4])[0]  # a method name, or one with options: `default[reuse=floor]`
+method = {**({} if spec.name == "default" else {"method": spec.name}), **spec.params}
 started = time.perf_counter()
 memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), **method)
 build = time.perf_counter() - started
@@ -755,7 +756,8 @@ for query in queries:
 print(json.dumps({"build_seconds": build, "peak_rss_mb_over_baseline": peak[0] - baseline, "baseline_rss_mb": baseline,
                   "query_seconds_mean": sum(latencies) / len(latencies), "kept_ratio": memory.stats["totals"]["kept_ratio"],
                   "context_tokens": memory.stats["totals"]["full_tokens"], "kept_kv_mb": memory.kv_bytes() / 2**20,
-                  "memory_method": memory.stats["method"]["name"], "chunk_size": int(sys.argv[5]),
+                  "memory_method": memory.stats["method"]["name"], "memory_params": memory.stats["method"]["params"],
+                  "chunk_size": int(sys.argv[5]),
                   "machine": machine_description()}))
 """
 
@@ -875,12 +877,13 @@ def parse_args(argv=None):
     parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
     parser.add_argument("--scaling-task", default="digits_text_all", help="a task with the largest size + 10 rows")
     parser.add_argument("--scaling-sizes", default=",".join(map(str, SCALING_SIZES)), help="numbers of demonstrations")
-    parser.add_argument("--scaling-methods", default=",".join(SCALING_METHODS), help="full, emloc, default, ...")
+    parser.add_argument("--scaling-methods", default=",".join(SCALING_METHODS),
+                        help="full, emloc, default, ... (with options: default[reuse=floor])")
     parser.add_argument("--scaling-model", default="smollm2-135m", help="an offline model name or an Emloc repo directory")
     args = parser.parse_args(argv)
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.scaling_sizes_list = [int(n) for n in args.scaling_sizes.split(",") if n.strip()]
-    args.scaling_methods_list = [m.strip() for m in args.scaling_methods.split(",") if m.strip()]
+    args.scaling_methods_list = evaluate_memory.split_methods(args.scaling_methods)
     args.keep_set = frozenset(k.strip() for k in args.keep.split(",") if k.strip())
     if any(k.count("/") != 1 for k in args.keep_set):
         parser.error(f"--keep takes MODEL/TASK pairs, got {args.keep!r}")

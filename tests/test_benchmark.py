@@ -263,3 +263,8 @@ def test_scaling_records_each_build_in_a_fresh_process_and_replaces_a_rerun(tmp_
     args = benchmark.parse_args(["--out", str(out)])
     benchmark.write_report(out, {}, args, scaling=again)
     assert "| tiny-llama | iris | default | 6 |" in (out / "report.md").read_text()
+    # a method with options builds with them, beside the plain one
+    rows = benchmark.run_scaling(out, "iris", [6], ["default[reuse=floor]"], model=str(repo), chunk_size=2)
+    floor = next(r for r in rows if r["method"] == "default[reuse=floor]")
+    assert floor["memory_method"] == "emloc-query" and floor["memory_params"]["reuse"] == "floor"
+    assert next(r for r in rows if r["method"] == "default")["memory_params"]["reuse"] == "none"
