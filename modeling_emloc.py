@@ -812,16 +812,14 @@ class Probe:
             # the same rows after another context: the variants start from this pass's hidden states (the chunk's
             # lower layers unpruned over the memory) and are compared with that context's answers
             reference_memory, reference_chunk = reference
-            whole = [reference_chunk.kept(layer, None) for layer in range(family.num_layers)]
-            cache = EmlocCache([(added.keys, added.values, torch.cat([layer.positions, added.positions], dim=1))
-                                for layer, added in zip(reference_memory.layers, whole)],
-                               1, window_shift=self.window_shift, scratch=reference_memory.scratch(chunk.length + fed))
+            cache = self._cache({}, start_layer=0, memory=reference_memory, chunk=reference_chunk,
+                                scratch=reference_memory.scratch(chunk.length + fed))
             hidden, _ = run_layers(family, self.segment, cache)
             unpruned = self.reference
             self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
             # how far `memory ⊕ chunk` already is from that context, before this chunk is pruned at all
             self.unpruned_js = js_divergence(unpruned, self.reference).mean().item()
-            del cache, whole
+            del cache
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
         if importance is None:
@@ -837,15 +835,20 @@ class Probe:
         """Logits `[num_scored, vocab or num_choices]` from the hidden states at the scored positions `[num_scored, hidden]`."""
         return self.builder.family.logits(scored_hidden, self.choice_ids)
 
-    def _cache(self, kept: dict[int, torch.Tensor | None], start_layer: int) -> EmlocCache:
-        """A cache (batch 1) over the memory plus the chunk tokens `kept[l]` (None = all) in layers `start_layer…`, in
-        the probe's scratch buffers."""
+    def _cache(self, kept: dict[int, torch.Tensor | None], start_layer: int, memory: TaskMemory | None = None,
+               chunk: ChunkState | None = None, scratch: list | None = None) -> EmlocCache:
+        """A cache (batch 1) over the memory plus the chunk tokens `kept[l]` (absent or None = all) in layers
+        `start_layer…`, in the probe's scratch buffers; `memory`, `chunk` and `scratch` (its buffers) stand for another
+        context, such as a `reference`."""
+        memory = self.memory if memory is None else memory
+        chunk = self.chunk if chunk is None else chunk
+        scratch = self.scratch if scratch is None else scratch
         prefix = [None] * start_layer
         for layer in range(start_layer, self.builder.family.num_layers):
-            added = self.chunk.kept(layer, kept.get(layer))
-            positions = torch.cat([self.memory.layers[layer].positions, added.positions], dim=1)
+            added = chunk.kept(layer, kept.get(layer))
+            positions = torch.cat([memory.layers[layer].positions, added.positions], dim=1)
             prefix.append((added.keys, added.values, positions))
-        return EmlocCache(prefix, 1, window_shift=self.window_shift, scratch=self.scratch)
+        return EmlocCache(prefix, 1, window_shift=self.window_shift, scratch=scratch)
 
     def _scored_layout(self) -> int:
         """`rerun="scored"`: lays out the scored positions as one row, each its own segment, and the probe rows'
@@ -1529,9 +1532,7 @@ class MemoryBuilder:
         Returns per layer the kept tokens, the chunk's token types before pruning `[chunk_len]`, the method's statistics
         and the memory's `next_position` after the chunk. The rest of the chunk's state goes when this returns.
         """
-        chunk = self.model._prefill_chunk(memory, self._chunk_span(demo_indices, first), in_place=True)
-        # the chunk's keys and values are views of the memory's growth buffers, where the probe's passes write next
-        chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+        chunk = self._prefill(memory, demo_indices, first)
         if self.uncompressed is not None:
             self._prefill_uncompressed(demo_indices, first)
         kept, stats = self.method.compress(self, memory, chunk, demo_indices)
@@ -1540,17 +1541,19 @@ class MemoryBuilder:
         layers = [chunk.kept(index, kept[index]) for index in range(self.family.num_layers)]
         return layers, chunk.token_types.cpu(), stats, chunk.next_position
 
-    def _chunk_span(self, demo_indices: list[int], first: bool) -> EncodedSpan:
+    def _prefill(self, memory: TaskMemory, demo_indices: list[int], first: bool) -> ChunkState:
+        """The demonstrations `demo_indices` (after the template prefix if `first`) prefilled on top of `memory`."""
         spans = [self.context.demos[i] for i in demo_indices]
         if first:
             spans = [self.context.prefix, *spans]  # the template prefix belongs to the first chunk
-        return EncodedSpan.concat(spans)
+        chunk = self.model._prefill_chunk(memory, EncodedSpan.concat(spans), in_place=True)
+        # the chunk's keys and values are views of the memory's growth buffers, where the probe's passes write next
+        chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+        return chunk
 
     def _prefill_uncompressed(self, demo_indices: list[int], first: bool) -> None:
         """`reference="full"`: prefills the chunk on the uncompressed context, as the method's reference."""
-        chunk = self.model._prefill_chunk(self.uncompressed, self._chunk_span(demo_indices, first), in_place=True)
-        chunk.keys, chunk.values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
-        self.reference = (self.uncompressed, chunk)
+        self.reference = (self.uncompressed, self._prefill(self.uncompressed, demo_indices, first))
 
     def _extend_uncompressed(self) -> None:
         uncompressed, chunk = self.reference

@@ -16,6 +16,14 @@ def _build(model, processor, family="llama", count=6, **kwargs):
     return model.build_memory(demos_for(family, count), processor=processor, **kwargs)
 
 
+def _same_bytes(a, b):
+    """The two memories hold the same tokens per layer and the same keys and values, bit for bit."""
+    assert a.tokens_per_layer() == b.tokens_per_layer()
+    for x, y in zip(a.layers, b.layers):
+        torch.testing.assert_close(x.keys, y.keys, atol=0, rtol=0)
+        torch.testing.assert_close(x.values, y.values, atol=0, rtol=0)
+
+
 def _chunks(processor, family, count, chunk_size):
     context = processor.encode_context(demos_for(family, count))
     chunks = [context.demos[i:i + chunk_size] for i in range(0, len(context.demos), chunk_size)]
@@ -353,12 +361,6 @@ def test_reuse_floor_tries_the_floor_everywhere_first_and_searches_when_it_fails
     model, processor, _ = tiny("llama")
     layers = model.family.num_layers
 
-    def same_bytes(a, b):
-        assert a.tokens_per_layer() == b.tokens_per_layer()
-        for x, y in zip(a.layers, b.layers):
-            torch.testing.assert_close(x.keys, y.keys, atol=0, rtol=0)
-            torch.testing.assert_close(x.values, y.values, atol=0, rtol=0)
-
     # a bound everything meets: the search ends at the floor everywhere, which the first run already is
     loose = _build(model, processor, count=8, delta=1e9, reuse="floor")
     chunks = loose.stats["build"]["chunks"]
@@ -366,13 +368,13 @@ def test_reuse_floor_tries_the_floor_everywhere_first_and_searches_when_it_fails
     assert all(c["probe_evaluations"] == 1 and c["probe_layer_passes"] == layers for c in chunks)
     assert all(c["ratios"] == [0.1] * layers for c in chunks)
     searched = _build(model, processor, count=8, delta=1e9)
-    same_bytes(loose, searched)
+    _same_bytes(loose, searched)
     assert sum(c["probe_evaluations"] for c in searched.stats["build"]["chunks"]) == 4 * layers
     assert loose.stats["method"]["params"]["reuse"] == "floor"
     # a bound nothing meets: the floor fails, and the chunk gets the search's decisions (here: kept whole)
     strict = _build(model, processor, count=8, delta=-1.0, reuse="floor")
     assert [c["reused"] for c in strict.stats["build"]["chunks"]] == [False] * 4
-    same_bytes(strict, _build(model, processor, count=8, delta=-1.0))
+    _same_bytes(strict, _build(model, processor, count=8, delta=-1.0))
     # in between, an accepted floor met the bound with every layer pruned at once, and no chunk searched twice
     middle = _build(model, processor, count=8, delta=0.002, reuse="floor", ratios=(0.2, 0.5))
     for chunk in middle.stats["build"]["chunks"]:
@@ -390,19 +392,13 @@ def test_reference_full_compares_with_the_uncompressed_context(tiny, tmp_path):
 
     model, processor, _ = tiny("llama")
 
-    def same_bytes(a, b):
-        assert a.tokens_per_layer() == b.tokens_per_layer()
-        for x, y in zip(a.layers, b.layers):
-            torch.testing.assert_close(x.keys, y.keys, atol=0, rtol=0)
-            torch.testing.assert_close(x.values, y.values, atol=0, rtol=0)
-
     one_chunk = _build(model, processor, count=2, delta=0.002, reference="full")
-    same_bytes(one_chunk, _build(model, processor, count=2, delta=0.002))
+    _same_bytes(one_chunk, _build(model, processor, count=2, delta=0.002))
     assert one_chunk.stats["build"]["chunks"][0]["unpruned_js"] < 1e-6  # the same distributions (float rounding)
     assert one_chunk.stats["method"]["params"]["reference"] == "full"
     # nothing passes: every chunk is kept whole, the memory is the full context and never drifts from it
     strict = _build(model, processor, count=8, delta=-1.0, reference="full")
-    same_bytes(strict, _build(model, processor, count=8, method="full"))
+    _same_bytes(strict, _build(model, processor, count=8, method="full"))
     assert all(c["unpruned_js"] < 1e-6 for c in strict.stats["build"]["chunks"])
     # everything passes at the floor: later chunks see a memory that has drifted from the full context
     loose = _build(model, processor, count=8, delta=1e9, reference="full")
@@ -419,7 +415,7 @@ def test_reference_full_compares_with_the_uncompressed_context(tiny, tmp_path):
     demos, params = demos_for("llama", 8), {"method": "emloc", "delta": 3e-5, "reference": "full", "chunk_size": 2}
     with pytest.raises(Stop):
         model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", progress=stop_after(2), **params)
-    same_bytes(model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", **params), middle)
+    _same_bytes(model.build_memory(demos, processor=processor, checkpoint_dir=tmp_path / "c", **params), middle)
 
 
 def test_reuse_verify_resumes_to_the_same_bytes(tiny, tmp_path):
