@@ -145,24 +145,28 @@ def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: 
 
 def add_methods(model: str, task: str, out: Path, results: dict, missing: list[str]) -> dict:
     """Runs `missing` on an existing split — with `zero-shot` and `full` (latency and agreement references in the
-    same run) and the memories they refer to (`X@LABEL`, `LABEL+retrieve@K`), which are rebuilt, not reused — and adds
-    their records to its `results.json` (the whole run stays in `added/`). The records already there are kept: every
+    same run) and the memories they refer to (`LABEL+retrieve@K`; `X@LABEL` of a LABEL not yet measured), which are
+    rebuilt, not reused; `X@LABEL` of a LABEL on record takes its recorded kept share — and adds their records to its
+    `results.json` (the whole run stays in `added/`). The records already there are kept: every
     method is deterministic given the split."""
-    needed = ["zero-shot", "full"]
+    needed, shares = ["zero-shot", "full"], {}
     for label in missing:
         spec = evaluate_memory.parse_methods(label)[0]
         base = label.split("+select")[0].split("+retrieve")[0]
-        for dependency in (spec.reference, base if base != label else None):
+        share = results["methods"].get(spec.reference, {}).get("kept_ratio") if spec.reference else None
+        if share is not None and spec.reference not in missing:  # `X@LABEL` needs only LABEL's share: no rebuild
+            shares[spec.reference] = share
+        for dependency in (None if share is not None else spec.reference, base if base != label else None):
             if dependency and dependency not in needed and dependency not in missing:
                 needed.append(dependency)
     started = time.perf_counter()
     work = out / f"added-{len(results.get('added', []))}"
     added = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
                                   str(out / "queries.jsonl"), "--methods", ",".join(needed + missing), "--out", str(work),
-                                  "--task", task])
+                                  "--task", task, "--shares", *(f"{label}={share!r}" for label, share in shares.items())])
     for label in missing:
         results["methods"][label] = added["methods"][label]
-    results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "dir": work.name,
+    results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "shares": shares, "dir": work.name,
                                             "machine": added.get("machine"),
                                             "date": datetime.date.today().isoformat()})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -26,6 +26,9 @@ value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
                               snapkv@default, kvzip@emloc[probe=future]); LABEL must be in the list too (it is built
                               first whatever the order)
     rices[k=8]                per query, the k most similar demonstrations by the model's own embeddings, in full
+    shots@F, shots@LABEL      few-shot prompting: the leading demonstrations in full, as many as fit in F of the full
+                              context's KV (at least one) — what giving the model fewer demonstrations gets at a
+                              memory's size
     lora[epochs=3;...]        LoRA fine-tuning with peft on the demonstrations (adaptation time reported)
     full+select@F, emloc+select@F   per-query selection over the memory at answer time
     full+retrieve@K, default+retrieve@K, snapkv@F+retrieve@K, ...   retrieval inside the memory: each query attends to
@@ -62,7 +65,7 @@ OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m")
 KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random", "kvzip")
 # methods that hold no memory of ours; any other name that is not a press is built by `model.build_memory` (`full`,
 # `random`, `emloc`, `default`, or a registered method's name)
-BASELINES = ("zero-shot", "rices", "lora")
+BASELINES = ("zero-shot", "rices", "lora", "shots")
 KVPRESS_PYTHON = HERE.parent / ".venv-kvpress" / "bin" / "python"
 
 
@@ -287,6 +290,22 @@ def rices_scores(model, processor, demos, queries, k: int, state=None):
     return scores, latencies, time.perf_counter() - started
 
 
+def leading_shots(processor, demos, share: float) -> tuple[int, float]:
+    """How many leading demonstrations fit, in full, in `share` of the whole context's tokens (KV grows with tokens),
+    at least one; and the share they take. The template prefix counts with them, as it is part of either memory."""
+    context = processor.encode_context(demos)
+    prefix = len(context.prefix.input_ids)
+    lengths = [len(span.input_ids) for span in context.demos]
+    total = prefix + sum(lengths)
+    count, used = 0, prefix
+    while count < len(lengths) and used + lengths[count] <= share * total:
+        used += lengths[count]
+        count += 1
+    if count == 0:
+        count, used = 1, prefix + lengths[0]
+    return count, used / total
+
+
 def memory_record(memory) -> dict:
     totals = memory.stats["totals"]
     return {"kept_kv_bytes": totals["kept_kv_bytes"], "full_kv_bytes": totals["full_kv_bytes"],
@@ -445,6 +464,8 @@ def evaluate(args) -> dict:
     emloc_args = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.emloc_args.split(",") if kv)} if args.emloc_args else {}
     if args.budget is not None:
         emloc_args["budget"] = args.budget
+    # kept shares of memories measured in an earlier run on the same split (`X@LABEL` without rebuilding LABEL)
+    measured_shares = {label: float(share) for label, share in (item.rsplit("=", 1) for item in args.shares)}
 
     results = {"model": args.model, "task": args.task, "num_demos": len(demos), "num_queries": len(queries),
                "machine": machine_description(), "processes": state.num_processes, "methods": {}}
@@ -469,6 +490,8 @@ def evaluate(args) -> dict:
         """A fixed fraction, or the measured kept share of the memory labelled `spec.reference` (built earlier)."""
         if spec.reference is None:
             return spec.kept
+        if spec.reference not in memories and spec.reference in measured_shares:
+            return measured_shares[spec.reference]
         if spec.reference not in memories:
             raise ValueError(f"{spec.label}: no memory labelled {spec.reference!r} in this run (add it to --methods; "
                              f"if it is there, its build failed)")
@@ -524,6 +547,16 @@ def evaluate(args) -> dict:
                 k = int(spec.params.get("k", 8))
                 scores, latencies, seconds = rices_scores(model, processor, demos, queries, k)
                 record.update(build_seconds=0.0, rices_k=k, kept_ratio=k / len(demos), total_seconds=seconds)
+            elif spec.name == "shots":
+                share = kept_share(spec)
+                if share is None:
+                    raise ValueError(f"{spec.label}: few-shot prompting needs a kept share, e.g. shots@0.2 or shots@default")
+                count, share = leading_shots(processor, demos, share)
+                memory = shared_memory(spec.label, lambda: model.build_memory(demos[:count], processor=processor,
+                                                                              method="full", chunk_size=count))
+                scores, latencies = score_queries(model, processor, queries, memory, state=state)
+                record.update(memory_record(memory))
+                record.update(kept_ratio=share, full_kv_bytes=round(record["kept_kv_bytes"] / share), shots=count)
             elif spec.name == "lora":
                 from lora_baseline import train_lora
 
@@ -568,6 +601,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget", type=float, default=None, help="EMLoC kept-KV budget (fraction)")
     parser.add_argument("--emloc-args", default="", help="EMLoC parameters, e.g. delta=0.01,probe=heldout")
+    parser.add_argument("--shares", nargs="*", default=[], metavar="LABEL=F",
+                        help="kept shares of memories measured in an earlier run on these demonstrations: `X@LABEL` "
+                             "then takes LABEL's share without rebuilding it (benchmark.py --add)")
     parser.add_argument("--template", default=None, choices=("chat", "plain"), help="override the processor's rendering")
     parser.add_argument("--task", default=None, help="a name for the report")
     args = parser.parse_args(argv)

@@ -225,6 +225,14 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     assert pooled["query_over_zero_shot"] > 0 and pooled["build_over_full_prefill"] > 0  # against the same run's
     assert "s / query ÷ zero-shot" in (tmp_path / "bench" / "report.md").read_text()
     assert benchmark.rices_comparator("default+retrieve@8") == "rices[k=8]" and benchmark.rices_comparator("full") is None
+    # a method that needs only another memory's kept share takes the recorded share: that memory is not rebuilt
+    benchmark.main([*args[:args.index("--methods")], "--methods", "zero-shot,full,default,shots@default", "--add",
+                    *args[args.index("--methods") + 2:]])
+    again = json.loads((split / "results.json").read_text())
+    assert again["added"][1]["rebuilt"] == ["zero-shot", "full"]
+    assert again["added"][1]["shares"] == {"default": recorded["methods"]["default"]["kept_ratio"]}
+    shots = again["methods"]["shots@default"]
+    assert shots["shots"] == 1 or shots["kept_ratio"] <= recorded["methods"]["default"]["kept_ratio"]
     # the selection split takes --add too: a new candidate joins it, the memories it had are kept
     def select(methods, *extra):
         return benchmark.main(["--out", str(tmp_path / "bench"), "--models", str(repo), "--tasks", "iris", "--selection",

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-METHODS = "zero-shot,full,emloc,random@0.2,rices[k=2],full+select@0.3,emloc+select@0.5"
+METHODS = "zero-shot,full,emloc,random@0.2,rices[k=2],full+select@0.3,emloc+select@0.5,shots@emloc"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,9 @@ def test_report_files_and_keys(tiny_task):
     assert saved["methods"]["full"]["kept_ratio"] == 1.0
     assert 0 < saved["methods"]["emloc"]["kept_ratio"] < 1
     assert saved["methods"]["full+select@0.3"]["kept_ratio"] == pytest.approx(0.3)
+    # fewer demonstrations in full, as many as fit in the memory's share of the context's KV
+    shots = saved["methods"]["shots@emloc"]
+    assert 1 <= shots["shots"] < 10 and 0 < shots["kept_ratio"] <= max(saved["methods"]["emloc"]["kept_ratio"], 0.2)
     report = (root / "single" / "report.md").read_text()
     assert "| emloc |" in report and "accuracy_vs_kept.png" in report
     for plot in ("accuracy_vs_kept.png", "emloc_kept_per_layer.png", "emloc_kept_by_type.png"):
@@ -70,3 +73,21 @@ def test_accelerate_launch_with_two_processes_gives_the_same_results(tiny_task):
         assert two["methods"][name]["predictions"] == record["predictions"]
         for ours, theirs in zip(two["methods"][name]["choice_logprobs"], record["choice_logprobs"]):
             assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_leading_shots_fit_the_share_and_take_at_least_one(tiny_task):
+    from evaluate_memory import leading_shots
+    from processing_emloc import EmlocProcessor
+
+    repo, demos, _, _ = tiny_task
+    processor = EmlocProcessor.from_pretrained(repo)
+    records = [json.loads(line) for line in demos.read_text().splitlines()]
+    context = processor.encode_context(records)
+    lengths = [len(context.prefix.input_ids)] + [len(span.input_ids) for span in context.demos]
+    total = sum(lengths)
+    for share in (0.25, 0.5, 0.999):
+        count, used = leading_shots(processor, records, share)
+        assert used == pytest.approx(sum(lengths[:count + 1]) / total) and used <= share
+        assert sum(lengths[:count + 2]) / total > share  # one more would not fit
+    assert leading_shots(processor, records, 1e-6) == (1, pytest.approx(sum(lengths[:2]) / total))
+    assert leading_shots(processor, records, 1.0) == (10, 1.0)
