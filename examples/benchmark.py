@@ -154,7 +154,7 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
         spec = evaluate_memory.parse_methods(label)[0]
         base = label.split("+select")[0].split("+retrieve")[0]
         share = results["methods"].get(spec.reference, {}).get("kept_ratio") if spec.reference else None
-        if share is not None and spec.reference not in missing:  # `X@LABEL` needs only LABEL's share: no rebuild
+        if share is not None:  # `X@LABEL` needs only LABEL's share, on record: no rebuild
             shares[spec.reference] = share
         for dependency in (None if share is not None else spec.reference, base if base != label else None):
             if dependency and dependency not in needed and dependency not in missing:

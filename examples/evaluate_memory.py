@@ -63,7 +63,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m")
 KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "tova", "knorm", "expected_attention", "kvpress-random", "kvzip")
-# methods that hold no memory of ours; any other name that is not a press is built by `model.build_memory` (`full`,
+# methods that hold no memory of ours (`shots` holds the full memory of fewer demonstrations); any other name that is not a press is built by `model.build_memory` (`full`,
 # `random`, `emloc`, `default`, or a registered method's name)
 BASELINES = ("zero-shot", "rices", "lora", "shots")
 KVPRESS_PYTHON = HERE.parent / ".venv-kvpress" / "bin" / "python"
@@ -490,9 +490,9 @@ def evaluate(args) -> dict:
         """A fixed fraction, or the measured kept share of the memory labelled `spec.reference` (built earlier)."""
         if spec.reference is None:
             return spec.kept
-        if spec.reference not in memories and spec.reference in measured_shares:
-            return measured_shares[spec.reference]
         if spec.reference not in memories:
+            if spec.reference in measured_shares:
+                return measured_shares[spec.reference]
             raise ValueError(f"{spec.label}: no memory labelled {spec.reference!r} in this run (add it to --methods; "
                              f"if it is there, its build failed)")
         return memories[spec.reference].stats["totals"]["kept_ratio"]
