@@ -595,3 +595,39 @@ def test_importance_from_the_chunks_own_demonstrations(tiny):
     assert any(not torch.equal(a.positions, b.positions) for a, b in zip(future_own.layers, future.layers))
     with pytest.raises(ValueError, match="importance must be one of"):
         EmlocMethod(importance="keys")
+
+
+def test_a_bfloat16_probe_judges_in_bfloat16_and_keeps_the_models_own_keys_and_values(tiny):
+    model, processor, _ = tiny("llama")
+    assert model.model.dtype == torch.float32
+    seen = set()
+    hook = model.family.layers[0].mlp.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
+    try:
+        # a bound every candidate meets at the only ratio, 1.0: every chunk is kept whole, so the memory is exactly
+        # what the chunks' prefills wrote — in float32, as the full context's
+        whole = _build(model, processor, probe_dtype="bfloat16", delta=1e9, ratios=(1.0,))
+    finally:
+        hook.remove()
+    assert seen == {torch.float32, torch.bfloat16}  # the prefills in the model's precision, the probe passes not
+    _same_bytes(whole, _build(model, processor, method="full"))
+    assert whole.stats["method"]["params"]["probe_dtype"] == "bfloat16"
+    # a real search: every pruned layer met the bound as the bfloat16 probe measured it, and the first chunk's kept
+    # keys and values are float32 rows of its prefill (the full memory's at the kept positions, bit for bit; later
+    # chunks are prefilled on the pruned memory)
+    pruned = _build(model, processor, probe_dtype="bfloat16", delta=0.002, probe="future", probe_size=2)
+    full = _build(model, processor, method="full")
+    first_chunk = sum(len(span.input_ids) for span in _chunks(processor, "llama", 6, 2)[0])
+    assert any(ratio < 1.0 for chunk in pruned.stats["build"]["chunks"] for ratio in chunk["ratios"])
+    for chunk in pruned.stats["build"]["chunks"]:
+        assert all(js <= 0.002 for js, ratio in zip(chunk["js"], chunk["ratios"]) if ratio < 1.0)
+    for kept, all_tokens in zip(pruned.layers, full.layers):
+        assert kept.keys.dtype == torch.float32
+        for head in range(kept.keys.shape[0]):
+            first = kept.positions[head] < first_chunk
+            rows = (all_tokens.positions[head][:, None] == kept.positions[head][first][None]).nonzero()[:, 0]
+            torch.testing.assert_close(kept.keys[head][first], all_tokens.keys[head, rows], atol=0, rtol=0)
+            torch.testing.assert_close(kept.values[head][first], all_tokens.values[head, rows], atol=0, rtol=0)
+    # the default's record names no probe precision while it is the model's own
+    assert "probe_dtype" not in _build(model, processor, method="emloc-query").stats["method"]["params"]
+    with pytest.raises(ValueError, match="probe_dtype"):
+        EmlocMethod(probe_dtype="float16")
