@@ -1171,7 +1171,7 @@ class EmlocMethod(CompressionMethod):
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
              "layer_group": 1, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe",
-             "importance": "probe", "reference": "memory"}
+             "importance": "probe", "reference": "memory", "probe_dtype": None}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
@@ -1218,8 +1218,6 @@ class EmlocMethod(CompressionMethod):
             params["relative"] = self.relative
         if self.recent:
             params["recent"] = self.recent
-        if self.probe_dtype is not None:
-            params["probe_dtype"] = self.probe_dtype
         return params
 
     def probe_demos(self, num_demos: int, chunk_demos: list[int],
@@ -1273,10 +1271,10 @@ class EmlocMethod(CompressionMethod):
         num_layers = builder.family.num_layers
         if self.recent and chunk_demos and max(chunk_demos) >= len(builder.context.demos) - self.recent:
             return [None] * num_layers, {"ratios": [1.0] * num_layers, "recent": True}
-        if self.probe_dtype is None:
-            return self._search(builder, memory, chunk, chunk_demos)
         # one autocast scope for the whole chunk: it casts each weight once and keeps the cast until the chunk is done
-        with torch.autocast(builder.model.model.device.type, dtype=getattr(torch, self.probe_dtype)):
+        precision = contextlib.nullcontext() if self.probe_dtype is None else \
+            torch.autocast(builder.model.model.device.type, dtype=getattr(torch, self.probe_dtype))
+        with precision:
             return self._search(builder, memory, chunk, chunk_demos)
 
     def _search(self, builder, memory, chunk, chunk_demos):

@@ -609,13 +609,13 @@ def test_a_bfloat16_probe_judges_in_bfloat16_and_keeps_the_models_own_keys_and_v
     finally:
         hook.remove()
     assert seen == {torch.float32, torch.bfloat16}  # the prefills in the model's precision, the probe passes not
-    _same_bytes(whole, _build(model, processor, method="full"))
+    full = _build(model, processor, method="full")
+    _same_bytes(whole, full)
     assert whole.stats["method"]["params"]["probe_dtype"] == "bfloat16"
     # a real search: every pruned layer met the bound as the bfloat16 probe measured it, and the first chunk's kept
     # keys and values are float32 rows of its prefill (the full memory's at the kept positions, bit for bit; later
     # chunks are prefilled on the pruned memory)
     pruned = _build(model, processor, probe_dtype="bfloat16", delta=0.002, probe="future", probe_size=2)
-    full = _build(model, processor, method="full")
     first_chunk = sum(len(span.input_ids) for span in _chunks(processor, "llama", 6, 2)[0])
     assert any(ratio < 1.0 for chunk in pruned.stats["build"]["chunks"] for ratio in chunk["ratios"])
     for chunk in pruned.stats["build"]["chunks"]:
