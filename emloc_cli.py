@@ -265,8 +265,11 @@ def _tables(memory: str, config: dict) -> list[str]:
         ("rendering", ", ".join(f"{k}={v!r}" for k, v in rendering.items() if not k.endswith("sha256")) or "not recorded"),
         ("context tokens", totals.get("full_tokens", "n/a")),
         ("kept tokens per layer", totals.get("kept_tokens", "n/a")),
-        ("kept KV", f"{100 * totals.get('kept_ratio', 0.0):.1f} % ({_size(totals.get('kept_kv_bytes'))} of "
-                    f"{_size(totals.get('full_kv_bytes'))})"),
+        ("kept KV", f"{100 * totals.get('kept_ratio', 0.0):.1f} % of what a query reads of the full context "
+                    f"({_size(totals.get('kept_kv_bytes'))} stored; the full context {_size(totals.get('full_kv_bytes'))}"
+                    + (f", {_size(totals['readable_kv_bytes'])} of it readable)"
+                       if totals.get("readable_kv_bytes", totals.get("full_kv_bytes")) != totals.get("full_kv_bytes")
+                       else ")")),
         ("next position", config.get("next_position", "n/a")),
         ("build", f"{build.get('seconds', 'n/a')} s, {len(build.get('chunks', []))} chunks"),
         ("format version", config.get("format_version", "n/a")),

@@ -64,6 +64,24 @@ def check_rendering(stats: dict, rendering: dict) -> None:
         )
 
 
+def config_sliding_windows(text_config) -> list[int | None]:
+    """Per decoder layer of a text config, its sliding window, None for a global layer. Declared `layer_types` decide
+    (Gemma 3, and Qwen2, whose layers below `max_window_layers` stay global); without them a `use_sliding_window`
+    config slides in every layer (Mistral-style)."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    slides = bool(getattr(text_config, "use_sliding_window", False) and window)
+    return [window if slides else None] * text_config.num_hidden_layers
+
+
+def readable_context_tokens(full_tokens: int, window: int | None) -> int:
+    """How many tokens of a context of `full_tokens` tokens, one position each and ending where the queries start, a
+    query can read in a layer with a sliding `window` (`MemoryLayer.readable`); all of them without a window."""
+    return full_tokens if window is None else min(full_tokens, window - 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -106,6 +124,15 @@ class MemoryLayer:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The layer's tensors by field name; each has the token axis at dim 1."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def readable(self, next_position: int, window: int | None) -> torch.Tensor:
+        """`[num_kv_heads, tokens]` bool: the tokens a query can read. A query starts at `next_position` and only
+        moves on, and in a layer with a sliding `window` a token at position `q` reads the positions `> q - window`:
+        a token at or before `next_position - window` is masked for every query, every generated token and every chunk
+        appended later. Without a window every token is readable."""
+        if window is None:
+            return torch.ones_like(self.positions, dtype=torch.bool)
+        return self.positions > next_position - window
 
     def append(self, other: "MemoryLayer") -> "MemoryLayer":
         return MemoryLayer(
@@ -283,6 +310,42 @@ class TaskMemory:
                     for name, tensor in self.layers[index].tensors().items()
                 })
             del self._buffers[index], self._views[index]
+
+    # -- what no query can read ----------------------------------------------------------------------------------------
+
+    def drop_unreadable(self, sliding_windows: list[int | None]) -> list[int]:
+        """Drops from each sliding-window layer the tokens no query can read (`MemoryLayer.readable`; `sliding_windows`
+        holds each layer's window, None for a global layer) and returns how many tokens each layer dropped.
+
+        Every answer stays the same: those tokens are masked for whatever comes after the memory, as transformers' own
+        cache of a sliding-window layer keeps only the window. On Gemma 3, five layers in six slide over 512 tokens, so
+        most of a long context's KV there is never read. Heads keep equal counts: each keeps its latest `m` tokens, `m`
+        the most any head can still read, so a head may keep a few unreadable ones, which stay masked."""
+        if len(sliding_windows) != self.num_layers:
+            raise ValueError(f"{len(sliding_windows)} windows for a memory of {self.num_layers} layers")
+        self.layers = list(self.layers)
+        dropped = []
+        for index, (layer, window) in enumerate(zip(self.layers, sliding_windows)):
+            keep = int(layer.readable(self.next_position, window).sum(-1).max()) if layer.num_tokens else 0
+            if keep == layer.num_tokens:
+                dropped.append(0)
+                continue
+            # each head's `keep` latest tokens, in the order the memory holds them
+            latest = layer.positions.argsort(dim=-1, stable=True)[:, layer.num_tokens - keep:].sort(dim=-1).values
+            self.layers[index] = MemoryLayer(**{
+                name: tensor.gather(1, latest.view(*latest.shape, *([1] * (tensor.dim() - 2))).expand(
+                    -1, -1, *tensor.shape[2:])).contiguous()
+                for name, tensor in layer.tensors().items()
+            })
+            self._buffers.pop(index, None)
+            self._views.pop(index, None)
+            dropped.append(layer.num_tokens - keep)
+        return dropped
+
+    def readable_tokens(self, sliding_windows: list[int | None]) -> list[float]:
+        """Per layer, the tokens a query can read, averaged over the KV heads."""
+        return [float(layer.readable(self.next_position, window).sum()) / max(1, layer.keys.shape[0])
+                for layer, window in zip(self.layers, sliding_windows)]
 
     # -- sizes ----------------------------------------------------------------------------------------------------------
 
@@ -760,7 +823,7 @@ usable with an Emloc model of that base without any training.
 | method | `{method.get('name', 'n/a')}` ({params}) |
 | demonstrations | {config.get('num_demos', 'n/a')} |
 | context tokens | {totals.get('full_tokens', 'n/a')} |
-| kept KV (share of the full context) | {kept_text} |
+| kept KV (share of what a query reads of the full context) | {kept_text} |
 | rendering of the demonstrations | {rendering_text} |
 | base model fingerprint | `{config.get('base_model', {}).get('fingerprint', 'n/a')}` |
 

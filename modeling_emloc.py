@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -45,14 +46,14 @@ try:  # loaded as remote code: transformers makes a package of the repository's 
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
                                base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
-                               release_freed_memory)
+                               config_sliding_windows, readable_context_tokens, release_freed_memory)
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
     from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
                               base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
-                              release_freed_memory)
+                              config_sliding_windows, readable_context_tokens, release_freed_memory)
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -100,11 +101,12 @@ class TextFamily:
         return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
 
     def sliding_window(self, layer: int) -> int | None:
-        if self.layer_types[layer] == "sliding_attention":
-            return self.text_config.sliding_window
-        if getattr(self.text_config, "use_sliding_window", False) and self.text_config.sliding_window:
-            return self.text_config.sliding_window  # Mistral-style: every layer slides
-        return None
+        """The window of a sliding-window layer, None for a global one (`memory_emloc.config_sliding_windows`)."""
+        return self.sliding_windows[layer]
+
+    @functools.cached_property
+    def sliding_windows(self) -> list[int | None]:
+        return config_sliding_windows(self.text_config)
 
     def embed(self, inputs: dict) -> torch.Tensor:
         """`input_ids [batch, seq]` → `[batch, seq, hidden]`."""
@@ -1466,8 +1468,10 @@ class MemoryBuilder:
 
     def __init__(self, model: "EmlocForConditionalGeneration", processor: EmlocProcessor, method: CompressionMethod,
                  chunk_size: int, pool_width: int, progress: bool | Callable[[int, int], None] = False, validate: int = 0,
-                 checkpoint_dir: str | os.PathLike | None = None, retrieval_layer: int | None = None):
+                 checkpoint_dir: str | os.PathLike | None = None, retrieval_layer: int | None = None,
+                 drop_unreadable: bool = True):
         self.model, self.processor, self.method = model, processor, method
+        self.drop_unreadable = drop_unreadable
         self.retrieval_layer = retrieval_layer
         self.family = model.family
         self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
@@ -1531,6 +1535,8 @@ class MemoryBuilder:
                 bar.close()
         self.uncompressed = self.reference = None
         memory.compact()
+        if self.drop_unreadable:
+            memory.drop_unreadable(self.family.sliding_windows)
         memory.retrieval = self._retrieval(append_to)
         previous = append_to.stats if append_to is not None else None
         memory.stats = self.model._memory_stats(
@@ -2214,7 +2220,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
     def build_memory(self, demos, processor: EmlocProcessor, method: str | None = None, chunk_size: int | None = None,
                      append_to: TaskMemory | None = None, progress: bool = False, validate: int = 0,
                      checkpoint_dir: str | os.PathLike | None = None, retrieval: bool = True,
-                     retrieval_layer: int | None = None, **method_params) -> TaskMemory:
+                     retrieval_layer: int | None = None, drop_unreadable: bool = True, **method_params) -> TaskMemory:
         """Compresses demonstrations into a task memory.
 
         Args:
@@ -2239,6 +2245,11 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 `retrieve=k`; it costs one pass of each demonstration, alone, below `retrieval_layer`.
             retrieval_layer: the layer whose entering hidden state keys each demonstration (default: the config's,
                 half the decoder layers; 0 = the input embeddings, which cost no pass).
+            drop_unreadable: at the end of the build, drop from each sliding-window layer the tokens that no query can
+                read (`TaskMemory.drop_unreadable`): every answer stays the same and the memory is smaller (Gemma 3:
+                five layers in six see only the last 512 tokens). False keeps them, as builds before this option did.
+                No effect on models without sliding windows. The kept share (`totals.kept_ratio`) counts only what a
+                query can read, of what the full context gives it, so it is the same either way.
             **method_params: the method's parameters, e.g. `delta=0.005, ratios=(0.1, 0.2, 0.5), probe="self"`.
         """
         method = method or self.config.method
@@ -2258,7 +2269,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             check_rendering(append_to.stats, processor.rendering())
         builder = MemoryBuilder(self, processor, method_cls(**params), chunk_size or self.config.chunk_size,
                                 self.config.pool_width, progress=progress, validate=validate, checkpoint_dir=checkpoint_dir,
-                                retrieval_layer=self._retrieval_layer(retrieval_layer) if retrieval else None)
+                                retrieval_layer=self._retrieval_layer(retrieval_layer) if retrieval else None,
+                                drop_unreadable=drop_unreadable)
         memory = builder.build(demos, append_to=append_to)
         memory.stats["rendering"] = processor.rendering()  # queries must be rendered the same way (design §7)
         return memory
@@ -2284,14 +2296,23 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         kept_tokens = sum(l["kept"] for l in layers) / max(1, len(layers))
         full_kv_bytes = full_tokens * bytes_per_token * family.num_layers
         kept_kv_bytes = memory.kv_bytes()
+        # the kept share counts what a query can read, of what the full context gives it: in a sliding-window layer
+        # only the last window of the context (`MemoryLayer.readable`), whether or not the rest was dropped
+        windows = family.sliding_windows
+        readable_kept = memory.readable_tokens(windows)
+        for entry, window, kept_readable in zip(layers, windows, readable_kept):
+            if window is not None:
+                entry.update(readable=readable_context_tokens(entry["full"], window), kept_readable=round(kept_readable, 2))
+        readable_kv_bytes = sum(entry.get("readable", entry["full"]) for entry in layers) * bytes_per_token
+        kept_readable_bytes = round(sum(readable_kept) * bytes_per_token)
         return {
             "base_model": self._base_model_record(),
             "method": {"name": method.name, "params": {**method.params(), "chunk_size": chunk_size}},
             "num_demos": num_demos + ((previous or {}).get("num_demos", 0)),
             "totals": {
                 "full_tokens": full_tokens, "kept_tokens": round(kept_tokens, 2),
-                "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes,
-                "kept_ratio": round(kept_kv_bytes / full_kv_bytes, 6) if full_kv_bytes else 0.0,
+                "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, "readable_kv_bytes": readable_kv_bytes,
+                "kept_ratio": round(kept_readable_bytes / readable_kv_bytes, 6) if readable_kv_bytes else 0.0,
             },
             "token_types": {name: {"full": full_by_type[name], "kept": round(kept_by_type[name] / max(1, len(layers)), 2)}
                             for name in TOKEN_TYPE_NAMES.values()},

@@ -36,6 +36,8 @@ each split and with `--report-only`:
     python examples/benchmark.py --selection --models smollm2-135m --tasks iris \\
         --methods "zero-shot,full,emloc,emloc[probe=future;protect=extra],random@emloc"  # choose options on seed 100
     python examples/benchmark.py --models smollm2-135m --seeds 1,2 --quick --add          # new methods on old splits
+    python examples/benchmark.py --models gemma3-270m --tasks iris --add --redo --methods "default,random@default"
+                                                                      # measured again, the old records kept aside
     python examples/benchmark.py --report-only                                            # report.md, results.json, plots
     python examples/benchmark.py --report-only --scaling                                  # only the scaling figures
     python examples/benchmark.py --report-only --scaling --scaling-sizes 720 --scaling-methods default  # one more point
@@ -118,13 +120,19 @@ def queries_per_split(task: str, demos: int, max_queries: int) -> int:
 
 
 def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: int, queries: int,
-              force: bool = False, add: bool = False) -> dict:
+              force: bool = False, add: bool = False, redo: bool = False) -> dict:
     """One seeded split: its demonstrations and queries, every method on them (`evaluate_memory`), into `out`.
     A split whose `results.json` exists is read back, not rerun (unless `force`); with `add`, the methods it lacks are
-    run on its demonstrations and queries and added to it (`add_methods`)."""
+    run on its demonstrations and queries and added to it (`add_methods`); with `redo` as well, `methods` it has are
+    measured again, their records replaced (the old ones kept under `replaced`)."""
     results_path = out / "results.json"
     if results_path.exists() and not force:
         results = json.loads(results_path.read_text())
+        if redo and add:
+            for label in evaluate_memory.split_methods(methods):
+                if label in results["methods"]:
+                    results.setdefault("replaced", []).append({"label": label, "record": results["methods"].pop(label),
+                                                               "date": datetime.date.today().isoformat()})
         missing = [m for m in evaluate_memory.split_methods(methods) if m not in results["methods"]]
         if missing and add:
             return add_methods(model, task, out, results, missing)
@@ -149,7 +157,7 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
     rebuilt, not reused; `X@LABEL` of a LABEL on record takes its recorded kept share — and adds their records to its
     `results.json` (the whole run stays in `added/`). The records already there are kept: every
     method is deterministic given the split."""
-    needed, shares = ["zero-shot", "full"], {}
+    needed, shares = [label for label in ("zero-shot", "full") if label not in missing], {}
     for label in missing:
         spec = evaluate_memory.parse_methods(label)[0]
         base = label.split("+select")[0].split("+retrieve")[0]
@@ -876,6 +884,10 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="rerun splits whose results.json exists")
     parser.add_argument("--add", action="store_true",
                         help="run only the methods an existing split lacks (with what they need) and add them to it")
+    parser.add_argument("--redo", action="store_true",
+                        help="with --add: measure --methods again on existing splits, replacing their records (the old "
+                             "ones are kept under `replaced` in the split's results.json), e.g. after a change in how "
+                             "a statistic is counted")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--scaling", action="store_true", help="also measure build time / memory / latency scaling")
@@ -891,6 +903,8 @@ def parse_args(argv=None):
     args.keep_set = frozenset(k.strip() for k in args.keep.split(",") if k.strip())
     if any(k.count("/") != 1 for k in args.keep_set):
         parser.error(f"--keep takes MODEL/TASK pairs, got {args.keep!r}")
+    if args.redo and not args.add:
+        parser.error("--redo replaces records of existing splits: use it with --add")
     if args.screen_seed in args.seeds_list:
         parser.error(f"seed {args.screen_seed} is the screening / option-selection split; report other seeds")
     return args
@@ -927,11 +941,11 @@ def main(argv=None) -> dict:
                 print(f"[screen] {key}/{task}: {verdict['verdict']}", flush=True)
                 if args.selection and verdict["kept"]:
                     run_split(model, task, args.screen_seed, ",".join(methods), task_dir / f"select-seed{args.screen_seed}",
-                              args.demos, queries, args.force, args.add)
+                              args.demos, queries, args.force, args.add, args.redo)
                 elif verdict["kept"]:
                     for seed in args.seeds_list:
                         run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
-                                  args.force, args.add)
+                                  args.force, args.add, args.redo)
                         report(args, out, methods)
     if args.scaling:
         run_scaling(out, args.scaling_task, args.scaling_sizes_list, args.scaling_methods_list, model=args.scaling_model)

@@ -24,6 +24,10 @@ adaptations, both recorded in `memory_config.json`:
     layer, shared equally by its heads, each head taking its top pairs by KVzip's own score
     (`method.params.head_budget: "equal-within-layer"`; the per-head counts KVzip chose are in
     `build.kvzip_head_counts`). At compression 0 nothing is masked and the memory is the full context, bit for bit.
+Every memory drops, as the Emloc builder's do, what no query can read (`TaskMemory.drop_unreadable`: in a
+sliding-window layer, the tokens before the last window), and `totals.kept_ratio` counts what a query can read of what
+the full context gives it. A press compresses every layer at its ratio, the unreadable tokens included, so on a model
+with sliding windows (Gemma 3) its measured share can differ from its nominal one.
 kvpress 0.5.5 refuses KVzip on Gemma 3 ("not supported"; removed as broken upstream, kvpress PR #172): that press is
 reported as skipped there.
 
@@ -57,7 +61,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from memory_emloc import MemoryLayer, TaskMemory, base_model_fingerprint  # noqa: E402  (torch/safetensors only)
+from memory_emloc import (MemoryLayer, TaskMemory, base_model_fingerprint, config_sliding_windows,  # noqa: E402
+                          readable_context_tokens)  # (torch/safetensors only)
 
 TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")
 MATCH_ATOL = 1e-5
@@ -277,8 +282,10 @@ def build_memory(model, press, input_ids, token_types, full_kv, press_name: str,
 
 def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name: str, press, cr: float,
                  fingerprint: str, seconds: float, itemsize: int, rendering: dict | None,
-                 info: dict | None = None) -> dict:
-    """`memory_config.json` content, the same keys as the main venv's builder writes (design §7)."""
+                 info: dict | None = None, windows: list | None = None) -> dict:
+    """`memory_config.json` content, the same keys as the main venv's builder writes (design §7). The kept share
+    counts, as the builder's does, what a query can read of what the full context gives it (`windows`: each layer's
+    sliding window, None for a global layer)."""
     import transformers
 
     full_tokens = int(token_types.shape[0])
@@ -287,6 +294,14 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
     kept_kv_bytes = memory.kv_bytes()
     layers = [{"full": full_tokens, "kept": layer.num_tokens} for layer in memory.layers]
     kept_tokens = sum(l["kept"] for l in layers) / max(1, len(layers))
+    windows = windows or [None] * memory.num_layers
+    readable_kept = memory.readable_tokens(windows)
+    for entry, window, kept_readable in zip(layers, windows, readable_kept):
+        if window is not None:
+            entry.update(readable=readable_context_tokens(full_tokens, window), kept_readable=round(kept_readable, 2))
+    bytes_per_token = 2 * heads * head_dim * itemsize
+    readable_kv_bytes = sum(entry.get("readable", entry["full"]) for entry in layers) * bytes_per_token
+    kept_readable_bytes = round(sum(readable_kept) * bytes_per_token)
     type_stats = {}
     for type_id, name in enumerate(TOKEN_TYPE_NAMES):
         kept = sum(float((layer.token_types == type_id).sum()) / heads for layer in memory.layers) / max(1, len(layers))
@@ -309,8 +324,8 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
         "num_demos": args.num_demos,
         "totals": {
             "full_tokens": full_tokens, "kept_tokens": round(kept_tokens, 2),
-            "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes,
-            "kept_ratio": round(kept_kv_bytes / full_kv_bytes, 6) if full_kv_bytes else 0.0,
+            "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, "readable_kv_bytes": readable_kv_bytes,
+            "kept_ratio": round(kept_readable_bytes / readable_kv_bytes, 6) if readable_kv_bytes else 0.0,
         },
         "token_types": type_stats,
         "layers": layers,
@@ -400,6 +415,8 @@ def main(argv=None) -> int:
               f"memories", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model.eval()
+    # what no query can read is dropped from every memory, as the Emloc builder does (`TaskMemory.drop_unreadable`)
+    windows = config_sliding_windows(model.config.get_text_config())
     fingerprint = args.fingerprint
     if fingerprint is None:
         fingerprint = base_model_fingerprint(model, model.config)
@@ -432,8 +449,9 @@ def main(argv=None) -> int:
                 print(f"SKIPPED {target.name}: {reason}", flush=True)
                 summary.append({"press": name, "compression_ratio": cr, "kept_ratio": kept, "skipped": reason})
                 continue
+            memory.drop_unreadable(windows)
             memory.stats = memory_stats(memory, token_types, args, name, press, cr, fingerprint, seconds, itemsize,
-                                        rendering, info)
+                                        rendering, info, windows)
             memory.save_pretrained(target)
             totals = memory.stats["totals"]
             tokens = memory.tokens_per_layer()

@@ -233,6 +233,18 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     assert again["added"][1]["shares"] == {"default": recorded["methods"]["default"]["kept_ratio"]}
     shots = again["methods"]["shots@default"]
     assert shots["shots"] == 1 or shots["kept_ratio"] <= recorded["methods"]["default"]["kept_ratio"]
+    # --redo measures them again: the new records replace the old ones, kept aside, and a comparator redone with its
+    # memory takes that memory's new share, not the recorded one
+    benchmark.main([*args[:args.index("--methods")], "--methods", "default,random@default", "--add", "--redo",
+                    *args[args.index("--methods") + 2:]])
+    redone = json.loads((split / "results.json").read_text())
+    replaced = {r["label"]: r["record"] for r in redone["replaced"]}
+    assert {"default", "random@default"} <= set(replaced) and replaced["default"] == again["methods"]["default"]
+    assert redone["methods"]["default"]["predictions"] == again["methods"]["default"]["predictions"]
+    assert redone["added"][-1]["shares"] == {} and {"default", "random@default"} <= set(redone["added"][-1]["methods"])
+    assert redone["added"][-1]["rebuilt"] == []  # zero-shot and full are redone too, once
+    with pytest.raises(SystemExit):
+        benchmark.main([*args, "--redo"])  # without --add
     # the selection split takes --add too: a new candidate joins it, the memories it had are kept
     def select(methods, *extra):
         return benchmark.main(["--out", str(tmp_path / "bench"), "--models", str(repo), "--tasks", "iris", "--selection",

@@ -26,7 +26,8 @@ def _logits(model, processor, memory, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_huge_delta_keeps_the_smallest_ratio_in_every_layer(tiny, family):
     model, processor, _ = tiny(family)
-    memory = _build(model, processor, family, delta=1e9, ratios=(0.1, 0.2, 0.5))
+    # the rule's own counts: nothing dropped afterwards from Gemma 3's sliding layers (tests/test_unreadable.py)
+    memory = _build(model, processor, family, delta=1e9, ratios=(0.1, 0.2, 0.5), drop_unreadable=False)
     for chunk in memory.stats["build"]["chunks"]:
         assert chunk["ratios"] == [0.1] * model.family.num_layers
     # each layer keeps max(ceil(0.1 * chunk), answers) tokens per chunk, answers included
@@ -57,11 +58,18 @@ def test_zero_delta_keeps_every_token_and_method_full_is_the_unpruned_memory(tin
 @pytest.mark.parametrize("family", FAMILIES)
 def test_answer_tokens_are_kept_in_every_layer_and_head(tiny, family):
     model, processor, _ = tiny(family)
-    memory = _build(model, processor, family, delta=1e9)
+    memory = _build(model, processor, family, delta=1e9, drop_unreadable=False)
     answers = memory.stats["token_types"]["answer"]["full"]
     for layer in memory.layers:
         for head in range(layer.keys.shape[0]):
             assert int((layer.token_types[head] == ANSWER).sum()) == answers
+    # dropping what no query reads (Gemma 3's sliding layers) keeps every answer token a query can read
+    trimmed = _build(model, processor, family, delta=1e9)
+    for layer, whole, window in zip(trimmed.layers, memory.layers, model.family.sliding_windows):
+        readable, still = whole.readable(memory.next_position, window), layer.readable(trimmed.next_position, window)
+        for head in range(layer.keys.shape[0]):
+            assert int(((layer.token_types[head] == ANSWER) & still[head]).sum()) == \
+                int(((whole.token_types[head] == ANSWER) & readable[head]).sum())
 
 
 def test_kept_tokens_are_the_top_scored():
@@ -166,9 +174,18 @@ def test_stats_follow_the_memory_config_format(tiny, family):
     assert len(stats["layers"]) == model.family.num_layers
     assert [l["kept"] for l in stats["layers"]] == memory.tokens_per_layer()
     totals = stats["totals"]
-    assert totals["kept_ratio"] == pytest.approx(totals["kept_kv_bytes"] / totals["full_kv_bytes"], abs=1e-6)
+    # the kept share: what a query can read of the memory, over what it can read of the full context
+    bytes_per_token = totals["full_kv_bytes"] // (totals["full_tokens"] * model.family.num_layers)
+    readable = sum(layer.get("kept_readable", layer["kept"]) for layer in stats["layers"])
+    assert totals["kept_ratio"] == pytest.approx(readable * bytes_per_token / totals["readable_kv_bytes"], abs=1e-6)
     assert totals["full_tokens"] == sum(v["full"] for v in stats["token_types"].values())
-    assert stats["token_types"]["answer"]["kept"] == stats["token_types"]["answer"]["full"]
+    if set(model.family.sliding_windows) == {None}:
+        assert totals["readable_kv_bytes"] == totals["full_kv_bytes"]
+        assert totals["kept_ratio"] == pytest.approx(totals["kept_kv_bytes"] / totals["full_kv_bytes"], abs=1e-6)
+        assert stats["token_types"]["answer"]["kept"] == stats["token_types"]["answer"]["full"]
+    else:  # Gemma 3: the sliding layers hold only their last window (tests/test_unreadable.py)
+        assert totals["readable_kv_bytes"] < totals["full_kv_bytes"]
+        assert stats["token_types"]["answer"]["kept"] < stats["token_types"]["answer"]["full"]
     if family in VL_FAMILIES:
         assert stats["token_types"]["image"]["full"] == 4 * 8  # 6 one-image demos + one with two images, 4 tokens each
     assert len(stats["build"]["chunks"]) == math.ceil(stats["num_demos"] / 2) and stats["build"]["seconds"] > 0
