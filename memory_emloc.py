@@ -82,6 +82,21 @@ def readable_context_tokens(full_tokens: int, window: int | None) -> int:
     return full_tokens if window is None else min(full_tokens, window - 1)
 
 
+def readable_share(memory: "TaskMemory", layer_stats: list[dict], windows: list[int | None],
+                   bytes_per_token: int) -> dict:
+    """The totals of a memory's kept share (`memory_config.json`): what a query can read of the memory over what it
+    can read of the full context. Adds to each windowed layer's entry of `layer_stats` (`{"full": ..., "kept": ...}`)
+    its `readable` context tokens and `kept_readable` memory tokens; returns `readable_kv_bytes` and `kept_ratio`."""
+    readable_kept = memory.readable_tokens(windows)
+    for entry, window, kept_readable in zip(layer_stats, windows, readable_kept):
+        if window is not None:
+            entry.update(readable=readable_context_tokens(entry["full"], window), kept_readable=round(kept_readable, 2))
+    readable_kv_bytes = sum(entry.get("readable", entry["full"]) for entry in layer_stats) * bytes_per_token
+    kept_readable_bytes = round(sum(readable_kept) * bytes_per_token)
+    return {"readable_kv_bytes": readable_kv_bytes,
+            "kept_ratio": round(kept_readable_bytes / readable_kv_bytes, 6) if readable_kv_bytes else 0.0}
+
+
 @functools.lru_cache(maxsize=None)
 def _malloc_trim() -> Callable[[int], int] | None:
     try:

@@ -46,14 +46,14 @@ try:  # loaded as remote code: transformers makes a package of the repository's 
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
                                base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
-                               config_sliding_windows, readable_context_tokens, release_freed_memory)
+                               config_sliding_windows, readable_share, release_freed_memory)
     from .processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                    load_examples)
 except ImportError:  # imported from the repository root as flat modules
     from configuration_emloc import EmlocConfig
     from memory_emloc import (BuildCheckpoint, MemoryLayer, MemoryLoadError, RetrievalIndex, TaskMemory,
                               base_model_fingerprint, check_rendering, hub_name, push_memory_to_hub,
-                              config_sliding_windows, readable_context_tokens, release_freed_memory)
+                              config_sliding_windows, readable_share, release_freed_memory)
     from processing_emloc import (ANSWER, TOKEN_TYPE_NAMES, EncodedSpan, EmlocProcessor, _copy_remote_code,
                                   load_examples)
 
@@ -2298,21 +2298,14 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         kept_kv_bytes = memory.kv_bytes()
         # the kept share counts what a query can read, of what the full context gives it: in a sliding-window layer
         # only the last window of the context (`MemoryLayer.readable`), whether or not the rest was dropped
-        windows = family.sliding_windows
-        readable_kept = memory.readable_tokens(windows)
-        for entry, window, kept_readable in zip(layers, windows, readable_kept):
-            if window is not None:
-                entry.update(readable=readable_context_tokens(entry["full"], window), kept_readable=round(kept_readable, 2))
-        readable_kv_bytes = sum(entry.get("readable", entry["full"]) for entry in layers) * bytes_per_token
-        kept_readable_bytes = round(sum(readable_kept) * bytes_per_token)
+        share = readable_share(memory, layers, family.sliding_windows, bytes_per_token)
         return {
             "base_model": self._base_model_record(),
             "method": {"name": method.name, "params": {**method.params(), "chunk_size": chunk_size}},
             "num_demos": num_demos + ((previous or {}).get("num_demos", 0)),
             "totals": {
                 "full_tokens": full_tokens, "kept_tokens": round(kept_tokens, 2),
-                "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, "readable_kv_bytes": readable_kv_bytes,
-                "kept_ratio": round(kept_readable_bytes / readable_kv_bytes, 6) if readable_kv_bytes else 0.0,
+                "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, **share,
             },
             "token_types": {name: {"full": full_by_type[name], "kept": round(kept_by_type[name] / max(1, len(layers)), 2)}
                             for name in TOKEN_TYPE_NAMES.values()},

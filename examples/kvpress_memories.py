@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memory_emloc import (MemoryLayer, TaskMemory, base_model_fingerprint, config_sliding_windows,  # noqa: E402
-                          readable_context_tokens)  # (torch/safetensors only)
+                          readable_share)  # (torch/safetensors only)
 
 TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")
 MATCH_ATOL = 1e-5
@@ -294,14 +294,7 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
     kept_kv_bytes = memory.kv_bytes()
     layers = [{"full": full_tokens, "kept": layer.num_tokens} for layer in memory.layers]
     kept_tokens = sum(l["kept"] for l in layers) / max(1, len(layers))
-    windows = windows or [None] * memory.num_layers
-    readable_kept = memory.readable_tokens(windows)
-    for entry, window, kept_readable in zip(layers, windows, readable_kept):
-        if window is not None:
-            entry.update(readable=readable_context_tokens(full_tokens, window), kept_readable=round(kept_readable, 2))
-    bytes_per_token = 2 * heads * head_dim * itemsize
-    readable_kv_bytes = sum(entry.get("readable", entry["full"]) for entry in layers) * bytes_per_token
-    kept_readable_bytes = round(sum(readable_kept) * bytes_per_token)
+    share = readable_share(memory, layers, windows or [None] * memory.num_layers, 2 * heads * head_dim * itemsize)
     type_stats = {}
     for type_id, name in enumerate(TOKEN_TYPE_NAMES):
         kept = sum(float((layer.token_types == type_id).sum()) / heads for layer in memory.layers) / max(1, len(layers))
@@ -324,8 +317,7 @@ def memory_stats(memory: TaskMemory, token_types: torch.Tensor, args, press_name
         "num_demos": args.num_demos,
         "totals": {
             "full_tokens": full_tokens, "kept_tokens": round(kept_tokens, 2),
-            "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, "readable_kv_bytes": readable_kv_bytes,
-            "kept_ratio": round(kept_readable_bytes / readable_kv_bytes, 6) if readable_kv_bytes else 0.0,
+            "full_kv_bytes": full_kv_bytes, "kept_kv_bytes": kept_kv_bytes, **share,
         },
         "token_types": type_stats,
         "layers": layers,
