@@ -36,7 +36,8 @@ def _chosen(model, memory, processor, queries, k):
 def test_the_index_places_every_demonstration_and_keys_it_as_a_query(tiny, family):
     model, processor, _ = tiny(family)
     demos = demos_for(family, 5)
-    memory = model.build_memory(demos, processor=processor, method="full", chunk_size=2)
+    # every token kept, also those a sliding-window layer could no longer read, so that layer 0 shows every demonstration
+    memory = model.build_memory(demos, processor=processor, method="full", chunk_size=2, drop_unreadable=False)
     index = memory.retrieval
     context = processor.encode_context(demos)
     count = len(demos)  # the image families add a demonstration with two images
