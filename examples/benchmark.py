@@ -318,6 +318,10 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
             ratios.append(label)
     boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, resamples=resamples, seed=seed,
                             gains=[(label, "zero-shot", "full") for label in ratios])
+    # a memory recorded before `drop_unreadable` counted its kept share over the whole context; that differs from what a
+    # query reads where the model has sliding windows, which shows in the task's newer records
+    totals = [r.get("memory_stats", {}).get("totals", {}) for s in splits for r in s["results"]["methods"].values()]
+    windowed = any(t.get("readable_kv_bytes", t.get("full_kv_bytes")) != t.get("full_kv_bytes") for t in totals)
     pooled = {}
     for label in labels:
         records = [(s, s["results"]["methods"].get(label, {})) for s in splits]
@@ -357,6 +361,9 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
             entry["vs_same_share"] = same_share
         if (label, rices_comparator(label)) in contrasts:
             entry["vs_rices"] = {"against": rices_comparator(label), **boot["diff"][f"{label}-{rices_comparator(label)}"]}
+        if windowed:
+            entry["whole_context_share"] = [s["seed"] for s, r in done if "totals" in r.get("memory_stats", {})
+                                            and "readable_kv_bytes" not in r["memory_stats"]["totals"]]
         names = {r.get("memory_stats", {}).get("method", {}).get("name") for _, r in done} - {None}
         if names:
             entry["memory_method"] = sorted(names)
@@ -483,6 +490,11 @@ def _gain(interval: dict | None) -> str:
     return _num((interval or {}).get("estimate"), "{:.0%}")
 
 
+_WHOLE_CONTEXT_NOTE = (" `†`: on some splits the memory was recorded before `drop_unreadable` and its share counts the KV "
+                       "a sliding-window layer can no longer read (the predictions are the same; on the splits "
+                       "re-measured the readable share was higher).")
+
+
 def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", scaling: list | None = None) -> None:
     machines = sorted({s["results"].get("machine", "?") for m in models.values() for t in m["tasks"].values()
                        for s in t["splits_data"]})
@@ -537,6 +549,8 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
         lines += [f"## {MODEL_NAMES.get(model, model)} (`{model}`)", "", "### Accuracy, retained gain, kept KV, agreement with full", "",
                   "| method | " + " | ".join(f"{t}: accuracy [95 % CI] | gain | kept | agr." for t in tasks) + " |",
                   "|---|" + "---|---|---|---|" * len(tasks)]
+        marked = any((data["tasks"][t]["methods"].get(label) or {}).get("whole_context_share")
+                     for t in tasks for label in labels)
         for label in labels:
             cells = []
             for task in tasks:
@@ -547,11 +561,13 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
                     cells += [f"failed: {_short(failed)}" if failed else "-", "", "", ""]
                     continue
                 partial = "*" if entry["missing_splits"] or entry["errors"] else ""
-                cells += [_ci(entry["accuracy"]) + partial, _gain(entry.get("retained_gain")), _pct(entry["kept_ratio"]),
-                          _num(entry["agreement"])]
+                whole = "†" if entry.get("whole_context_share") else ""
+                cells += [_ci(entry["accuracy"]) + partial, _gain(entry.get("retained_gain")),
+                          _pct(entry["kept_ratio"]) + whole, _num(entry["agreement"])]
             lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
         lines += ["", "`*`: the method is missing or failed on some splits (pooled over the others). `gain`: retained "
-                  "many-shot gain; `kept`: kept share of the full context's KV (mean over splits).", "",
+                  "many-shot gain; `kept`: kept share of the full context's KV (mean over splits), counted over what a query reads "
+                  "(`totals.readable_kv_bytes`)." + (_WHOLE_CONTEXT_NOTE if marked else ""), "",
                   "### Paired differences (95 % CI): to `full`, and to `random` at the same kept share", "",
                   "| method | " + " | ".join(f"{t}: Δ vs full | Δ vs random" for t in tasks) + " |",
                   "|---|" + "---|---|" * len(tasks)]

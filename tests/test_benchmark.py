@@ -288,3 +288,31 @@ def test_scaling_records_each_build_in_a_fresh_process_and_replaces_a_rerun(tmp_
     floor = next(r for r in rows if r["method"] == "default[reuse=floor]")
     assert floor["memory_method"] == "emloc-query" and floor["memory_params"]["reuse"] == "floor"
     assert next(r for r in rows if r["method"] == "default")["memory_params"]["reuse"] == "none"
+
+
+def test_a_share_recorded_over_the_whole_context_is_marked_where_the_model_has_sliding_windows(tmp_path):
+    """Records from before `drop_unreadable` (no `readable_kv_bytes`) are marked `†` on a task whose newer records show
+    sliding windows (readable < full), and not on a model without them."""
+    import benchmark
+
+    suite = {"zero-shot": (0.3, 0.0, 0.0), "full": (0.8, 1.0, 2.0), "emloc": (0.6, 0.15, 20.0, "emloc"),
+             "default": (0.7, 0.2, 10.0, "emloc")}
+    for model, readable in (("gemma3-270m", 300), ("smollm2-135m", 1000)):
+        _write_split(tmp_path / model / "iris" / "screen-seed100", 100, 40, {"zero-shot": (0.3, 0.0, 0.0),
+                                                                              "full": (0.9, 1.0, 2.0)})
+        path = tmp_path / model / "iris" / "seed1"
+        _write_split(path, 1, 40, suite)
+        results = json.loads((path / "results.json").read_text())
+        results["methods"]["emloc"]["memory_stats"]["totals"] = {"full_kv_bytes": 1000, "kept_kv_bytes": 150}
+        results["methods"]["default"]["memory_stats"]["totals"] = {"full_kv_bytes": 1000, "kept_kv_bytes": 100,
+                                                                   "readable_kv_bytes": readable}
+        (path / "results.json").write_text(json.dumps(results))
+    benchmark.main(["--out", str(tmp_path), "--report-only", "--bootstrap", "50"])
+    saved = json.loads((tmp_path / "results.json").read_text())["models"]
+    gemma = saved["gemma3-270m"]["tasks"]["iris"]["methods"]
+    assert gemma["emloc"]["whole_context_share"] == [1] and gemma["default"]["whole_context_share"] == []
+    assert "whole_context_share" not in saved["smollm2-135m"]["tasks"]["iris"]["methods"]["emloc"]
+    report = (tmp_path / "report.md").read_text()
+    gemma_table = report.split("## Gemma 3 270M")[1].split("## SmolLM2")[0]
+    assert "15.0%†" in gemma_table and "20.0%†" not in gemma_table
+    assert "†" not in report.split("## SmolLM2-135M-Instruct (")[1].split("## Targets")[0]
