@@ -460,9 +460,11 @@ def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | Non
 
 
 def _rows(task: str) -> int | None:
+    """The task's row count for the report, or None where the task is unknown here or its data is not installed
+    (`--report-only` reads the splits on disk and must not need fashion_text's Debian package)."""
     try:
         return task_rows(task)
-    except ValueError:
+    except (ValueError, FileNotFoundError):
         return None
 
 

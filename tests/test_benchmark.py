@@ -161,6 +161,23 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
     assert benchmark.parse_args([]).keep_set == set(benchmark.KEEP) and not benchmark.parse_args(["--keep", ""]).keep_set
 
 
+def test_report_only_needs_no_task_data(synthetic, tmp_path, monkeypatch):
+    """`--report-only` reads the splits on disk: a task whose data is not installed here is reported without its rows."""
+    import shutil
+
+    import benchmark
+
+    def data_not_installed(task):
+        raise FileNotFoundError(f"{task} needs a system package")
+
+    out = tmp_path / "bench"
+    shutil.copytree(synthetic[0], out)
+    monkeypatch.setattr(benchmark, "task_rows", data_not_installed)
+    saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+    assert saved["models"]["smollm2-135m"]["tasks"]["iris"]["rows"] is None
+    assert "| smollm2-135m | iris | - | 60 |" in (out / "report.md").read_text()
+
+
 def test_comparators_and_method_specs():
     import benchmark
     import evaluate_memory
