@@ -43,6 +43,7 @@ SUITE = {  # label: (accuracy, kept share, build seconds, recorded method)
     "kvzip@default": (0.6, 0.2, 5.0), "kvzip@0.1": (0.5, 0.1, 5.0), "random@0.1": (0.35, 0.1, 2.0),
     "lora[epochs=5;learning_rate=0.002]": (0.7, 0.0, 30.0),
     "rices[k=8]": (0.7, 0.1, 0.0), "full+retrieve@8": (0.85, 1.0, 2.0),
+    "default[budget=0.1]": (0.6, 0.1, 8.0, "emloc"), "random@default[budget=0.1]": (0.35, 0.1, 2.0),
 }
 
 
@@ -132,6 +133,11 @@ def test_dropped_tasks_summary_and_report(synthetic):
                  "smollm2-135m/iris: 120 pooled queries", "[smollm2-135m/iris/seed0](smollm2-135m/iris/seed0/results.json)"):
         assert text in report, text
     assert (out / "accuracy_vs_kept_smollm2-135m.png").stat().st_size > 10_000
+    targets = report.split("## Targets of issue 9")[1].split("## Splits")[0]
+    assert "| smollm2-135m | iris | `default` | 20.0% |" in targets and "(need 90%)" in targets
+    capped = next(line for line in targets.splitlines() if "| iris | `default[budget=0.1]` |" in line)
+    assert "(need 75%)" in capped and "`random@default[budget=0.1]`" in capped
+    assert "`emloc`" not in targets and "`default[method=" not in targets
     selection = (out / "selection" / "report.md").read_text()
     assert "`emloc[probe=future]`" in selection and "not a reported result" in selection
 
@@ -184,6 +190,9 @@ def test_comparators_and_method_specs():
 
     assert benchmark.random_comparator("emloc[probe=future;protect=extra]") == "random@emloc[probe=future;protect=extra]"
     assert benchmark.random_comparator("kvzip@emloc[probe=future]") == "random@emloc[probe=future]"
+    assert benchmark.is_target_label("default") and benchmark.is_target_label("default[budget=0.1]")
+    assert not any(benchmark.is_target_label(label) for label in ("emloc", "default[method=emloc]", "random@default",
+                                                                   "default+retrieve@8", "default[budget=0.1;probe=self]"))
     assert benchmark.random_comparator("full") is None and benchmark.random_comparator("rices[k=8]") is None
     assert benchmark.random_comparator("emloc+select@0.5") is None
     assert benchmark.random_comparator("default+retrieve@8") is None and not benchmark.is_memory_label("full+retrieve@8")
