@@ -302,6 +302,48 @@ def test_layer_group_of_one_is_the_paper(tiny):
     assert paper.stats["method"] == same.stats["method"]
 
 
+def test_a_refined_group_at_the_floor_costs_one_run_and_a_failing_group_is_decided_layer_by_layer(tiny):
+    model, processor, _ = tiny("llama")
+    layers = model.family.num_layers
+    groups = [list(range(max(0, top - 1), top + 1)) for top in range(layers - 1, -1, -2)]  # top first, as decided
+    # a bound everything meets: the paper's rule ends at the floor everywhere, a group of two in one run from its bottom
+    loose = _build(model, processor, delta=1e9, layer_group=2, refine=True)
+    searched = _build(model, processor, delta=1e9)
+    _same_bytes(loose, searched)
+    assert all(c["probe_evaluations"] == len(groups) for c in loose.stats["build"]["chunks"])
+    assert loose.stats["method"]["params"]["refine"] is True and "refine" not in searched.stats["method"]["params"]
+    # a bound nothing meets: each group fails at the floor, then its layers are searched one by one and kept whole,
+    # as the paper's rule keeps them, at one run more per group than the paper's search
+    strict = _build(model, processor, delta=-1.0, layer_group=2, refine=True)
+    paper_strict = _build(model, processor, delta=-1.0)
+    _same_bytes(strict, paper_strict)
+    for a, b in zip(strict.stats["build"]["chunks"], paper_strict.stats["build"]["chunks"]):
+        assert a["ratios"] == b["ratios"] == [1.0] * layers
+        assert a["probe_evaluations"] == b["probe_evaluations"] + sum(len(group) > 1 for group in groups)
+    # in between: a group is either accepted at the floor in one run (both layers share its JS, within the bound) or
+    # refined, one run more than the paper's per-layer search of its layers (each layer's JS within the bound, or kept)
+    grid = (0.1, 0.2, 0.5)
+    bound = 2e-5  # on this tiny model: where some groups fail at the floor and others pass
+    middle = _build(model, processor, count=8, delta=bound, layer_group=2, refine=True)
+    refined = 0
+    for chunk in middle.stats["build"]["chunks"]:
+        runs = 0
+        for group in groups:
+            ratios, js = [chunk["ratios"][l] for l in group], [chunk["js"][l] for l in group]
+            if len(group) == 1:  # a lone layer is searched as the paper does
+                runs += grid.index(ratios[0]) + 1 if ratios[0] in grid else len(grid)
+                continue
+            if ratios == [0.1, 0.1] and js[0] == js[1] and js[0] <= bound:
+                runs += 1
+                continue
+            refined += 1
+            runs += 1 + sum(grid.index(r) + 1 if r in grid else len(grid) for r in ratios)
+            assert all(j <= bound or r == 1.0 for r, j in zip(ratios, js))
+        assert chunk["probe_evaluations"] == runs
+    pairs = sum(len(group) > 1 for group in groups) * len(middle.stats["build"]["chunks"])
+    assert 0 < refined < pairs  # both kinds of group occur
+
+
 def test_options_are_checked():
     for option, value in (("protect", "all"), ("positions", "last"), ("over", "labels"), ("probe", "next"),
                           ("reuse", "always")):
@@ -309,6 +351,10 @@ def test_options_are_checked():
             EmlocMethod(**{option: value})
     with pytest.raises(ValueError, match="layer_group"):
         EmlocMethod(layer_group=0)
+    for options in ({"refine": True}, {"refine": True, "layer_group": 2, "budget": 0.2},
+                    {"refine": True, "layer_group": 2, "search": "bisect"}):
+        with pytest.raises(ValueError, match="refine"):
+            EmlocMethod(**options)
 
 
 def test_the_default_method_is_the_chosen_preset_and_records_every_option(tiny):
