@@ -1182,8 +1182,8 @@ class EmlocMethod(CompressionMethod):
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
-             "layer_group": 1, "refine": False, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk", "sliding": "probe",
-             "importance": "probe", "reference": "memory", "probe_dtype": None}
+             "layer_group": 1, "refine": False, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk",
+             "sliding": "probe", "importance": "probe", "reference": "memory", "probe_dtype": None}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
@@ -1364,9 +1364,9 @@ class EmlocMethod(CompressionMethod):
             elif self.refine and len(group) > 1:
                 # the whole group at the floor, in one run from its lowest layer; where that fails, the paper's rule
                 # layer by layer, the group's top layer first
-                floor = self._first_passing(evaluate, group, self.ratios[:1], bound, keep_whole=False)
-                if floor[2] <= bound:
-                    decide(group, floor)
+                index, js = evaluate(group, self.ratios[0])
+                if js <= bound:
+                    decide(group, (index, self.ratios[0], js))
                 else:
                     for layer in reversed(group):
                         decide([layer], self._first_passing(evaluate, [layer], self.ratios, bound, keep_whole=True))

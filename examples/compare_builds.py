@@ -54,9 +54,7 @@ def build_kwargs(spec: evaluate_memory.MethodSpec) -> dict:
             or spec.select is not None or spec.retrieve is not None:
         raise SystemExit(f"--methods: {spec.label!r} is not a memory built by build_memory's search; give "
                          "default[...], emloc[...] or a registered method's name")
-    if spec.name == "default":
-        return dict(spec.params)
-    return {"method": spec.name, **spec.params}
+    return evaluate_memory.method_arguments(spec)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     specs = evaluate_memory.parse_methods(args.methods)
     kwargs = [build_kwargs(spec) for spec in specs]
     model, processor, _ = evaluate_memory.load_model(args.model, args.template)
-    demos = [json.loads(line) for line in args.demos.read_text().splitlines() if line.strip()]
+    demos = evaluate_memory.read_jsonl(args.demos)
 
     model.build_memory(demos[:1], processor=processor, method="full")  # warm-up
     started = time.perf_counter()

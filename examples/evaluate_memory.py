@@ -120,6 +120,23 @@ def split_methods(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def method_arguments(spec: MethodSpec, emloc_args: dict | None = None) -> dict:
+    """The `build_memory` method arguments of `emloc[...]` (the paper's rule; `--emloc-args` under the spec's own
+    parameters), `default[...]` (no method argument at all: the library's default method) or a registered method's
+    name."""
+    params = dict(spec.params)
+    if spec.name == "emloc":
+        return {"method": "emloc", **(emloc_args or {}), **params}
+    if spec.name == "default":
+        return params
+    return {"method": spec.name, **params}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file, blank lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 _SPEC = re.compile(r"([A-Za-z0-9_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@(.+?))?(?:\+retrieve(?:@(\d+))?)?")
 
 
@@ -451,8 +468,7 @@ def evaluate(args) -> dict:
     metrics = {"accuracy": load_metric("emloc_accuracy"), "exact_match": load_metric("emloc_exact_match"),
                "fidelity": load_metric("emloc_fidelity")}
     model, processor, base_dir = load_model(args.model, args.template)
-    demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
-    queries = [json.loads(line) for line in Path(args.queries).read_text().splitlines() if line.strip()]
+    demos, queries = read_jsonl(args.demos), read_jsonl(args.queries)
     load_examples(demos)  # validates every line before any work
     load_examples(queries, require_answer=False)
     if any("answer" not in q or not q.get("choices") for q in queries):
@@ -505,11 +521,7 @@ def evaluate(args) -> dict:
         if spec.name == "random":
             kept = kept_share(spec)
             return lambda: model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2, **params)
-        if spec.name == "emloc":
-            params = {"method": "emloc", **emloc_args, **params}
-        elif spec.name != "default":
-            params = {"method": spec.name, **params}
-        # `default` without `method=`: no method argument at all, i.e. the library's default method
+        params = method_arguments(spec, emloc_args)
         return lambda: model.build_memory(demos, processor=processor, progress=state.is_main_process, **params)
 
     for spec in order_specs(specs):  # full first: every other method is compared with it
