@@ -810,6 +810,7 @@ class Probe:
             self._freeze_rows(cache)
         del cache
         self.unpruned_js = None
+        self.unpruned_divergence = 0.0  # `divergence` of the chunk unpruned: the reference itself, unless another
         if reference is not None:
             # the same rows after another context: the variants start from this pass's hidden states (the chunk's
             # lower layers unpruned over the memory) and are compared with that context's answers
@@ -821,6 +822,7 @@ class Probe:
             self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
             # how far `memory ⊕ chunk` already is from that context, before this chunk is pruned at all
             self.unpruned_js = js_divergence(unpruned, self.reference).mean().item()
+            self.unpruned_divergence = self._aggregate(js_divergence(unpruned, self.reference))
             del cache
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
@@ -836,6 +838,17 @@ class Probe:
     def _logits(self, scored_hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[num_scored, vocab or num_choices]` from the hidden states at the scored positions `[num_scored, hidden]`."""
         return self.builder.family.logits(scored_hidden, self.choice_ids)
+
+    def sees_chunk(self, layer: int) -> bool:
+        """Whether any probe row reads any of the chunk's tokens in `layer`. In a sliding-window layer a row token at
+        position `q` reads prefix positions after `q + window_shift − window` (`EmlocCache.attention_mask`); rows
+        windowed as a query far after the chunk (`sliding="query"`, `probe_at="end"`) read none of it there, and
+        pruning the chunk in such a layer cannot change their answers."""
+        window = self.builder.family.sliding_window(layer)
+        if window is None or self.chunk.length == 0:
+            return True
+        earliest_row_token = int(self.segment.text_positions.min())
+        return int(self.chunk.positions.max()) > earliest_row_token + self.window_shift - window
 
     def _cache(self, kept: dict[int, torch.Tensor | None], start_layer: int, memory: TaskMemory | None = None,
                chunk: ChunkState | None = None, scratch: list | None = None) -> EmlocCache:
@@ -908,7 +921,11 @@ class Probe:
             logits = self._logits(hidden[self.predicting])
         self.passes += family.num_layers - start_layer
         self.evaluations += 1
-        divergences = js_divergence(logits, self.reference)
+        return self._aggregate(js_divergence(logits, self.reference))
+
+    def _aggregate(self, divergences: torch.Tensor) -> float:
+        """The divergence of a variant from the JS at each scored position `[num_scored]`: their mean, or with
+        `row_groups` the largest of the groups' means."""
         if not self.group_masks:
             return divergences.mean().item()
         return max(divergences[mask].mean().item() for mask in self.group_masks)
@@ -1146,6 +1163,15 @@ class EmlocMethod(CompressionMethod):
             kept whole, which is how a drifting memory takes back KV. The build also holds the uncompressed context
             (it grows like a full prefill, and costs one more prefill and one more probe pass per chunk); the chunk's
             stats record `unpruned_js`, the memory's drift before the chunk is pruned.
+        skip_unseen: decide without a probe run the layers where no probe row can read any of the chunk's tokens: a
+            sliding-window layer whose window, for rows windowed as a query (`sliding="query"`, `probe_at="end"`),
+            ends before the chunk. Pruning the chunk there cannot change the rows' answers, so a candidate's JS is that
+            of the layers already decided, and the evaluation would only recompute it up to float rounding (the
+            masked keys change the order of a sum, not its value); the smallest candidate passes there whenever the
+            layers above met the bound. The same decisions and the same memory for fewer probe runs: on Gemma 3 (15
+            of 18 layers slide over 512 tokens) every chunk further than a window from the end skips most of the
+            search. False evaluates them anyway (for checking). No effect without sliding windows or on rows placed
+            right after the chunk (the paper's).
         probe_dtype: the precision of the probe's passes (its reference, its importance and every candidate's
             evaluation). None (the paper): the model's own; `"bfloat16"`: the probe runs under `torch.autocast` in
             bfloat16, while the chunk's prefill, and so every kept key and value, stays in the model's precision. The
@@ -1178,12 +1204,14 @@ class EmlocMethod(CompressionMethod):
     importance: str = "probe"
     recent: int = 0
     reference: str = "memory"
+    skip_unseen: bool = True
     probe_dtype: str | None = None
 
     # options and their paper values; `params()` records every option that differs, so a memory names its rule
     PAPER = {"probe": "self", "distinct_answers": False, "protect": "count", "positions": "answer", "over": "vocab",
              "layer_group": 1, "refine": False, "search": "grid", "reuse": "none", "rerun": "rows", "probe_at": "chunk",
-             "sliding": "probe", "importance": "probe", "reference": "memory", "probe_dtype": None}
+             "sliding": "probe", "importance": "probe", "reference": "memory", "skip_unseen": True,
+             "probe_dtype": None}
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
@@ -1213,6 +1241,7 @@ class EmlocMethod(CompressionMethod):
         if self.layer_group < 1:
             raise ValueError(f"layer_group must be at least 1, got {self.layer_group}")
         self.refine = bool(self.refine)
+        self.skip_unseen = bool(self.skip_unseen)
         if self.refine and (self.layer_group == 1 or self.budget is not None or self.search != "grid"):
             raise ValueError("refine splits a group of layers (layer_group > 1) that fails at the floor under the "
                              "grid search; it has no meaning with layer_group=1, a budget or search='bisect'")
@@ -1340,16 +1369,25 @@ class EmlocMethod(CompressionMethod):
                      "probe_layer_passes": probe.passes, "probe_evaluations": probe.evaluations}
             return index, stats
 
+        # layers where no probe row reads the chunk: pruning them leaves the JS of the layers decided so far
+        unseen = {layer for layer in range(num_layers) if self.skip_unseen and not probe.sees_chunk(layer)}
+        decided_js = probe.unpruned_divergence  # the divergence of `kept` as it stands (nothing pruned yet)
+
         def evaluate(group, ratio):
             """Keeps `ratio` in every layer of `group` (ascending layer indices); JS from the group's lowest layer."""
             index = {layer: top_tokens(probe.importance[layer], ratio, answers, extra) for layer in group}
+            if unseen.issuperset(group):
+                return index, decided_js
             return index, probe.divergence(group[0], {**kept, **index})
 
         def decide(group, decision):
+            nonlocal decided_js
             index, ratio, js = decision
             for layer in group:
                 kept[layer] = None if index is None else index[layer]
                 chosen[layer], divergences[layer] = ratio, js
+            if index is not None:  # a group kept whole leaves the variant, and its divergence, as they were
+                decided_js = js
 
         top = num_layers - 1
         while top >= 0:
@@ -1468,8 +1506,9 @@ class EmlocQueryMethod(EmlocMethod):
     def params(self) -> dict:
         """Every option, in field order, so that a memory says exactly which rule made it. `bisect_steps` has never
         been part of the default's record (a checkpoint still tells builds apart by it: `MemoryBuilder._arguments`), nor
-        have `recent` while it is 0, `probe_dtype` while it is None and `refine` while it is False."""
-        unset = {"recent": 0, "probe_dtype": None, "refine": False}
+        have `recent` while it is 0, `probe_dtype` while it is None, `refine` while it is False and `skip_unseen` while
+        it is True."""
+        unset = {"recent": 0, "probe_dtype": None, "refine": False, "skip_unseen": True}
         params = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                   if field.name != "bisect_steps"
                   and not (field.name in unset and getattr(self, field.name) == unset[field.name])}

@@ -828,7 +828,8 @@ def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], mode
             record.update(method=method, num_demos=size, task=task, model=model_key(model))
             same = (record["model"], task, size, method)
             rows = [r for r in rows if (r.get("model"), r["task"], r["num_demos"], r["method"]) != same] + [record]
-            rows.sort(key=lambda r: (r["task"], r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
+            rows.sort(key=lambda r: (r.get("model", "smollm2-135m") != "smollm2-135m", r.get("model", ""), r["task"],
+                                     r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
             path.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"[scaling] {task} {method} {size} demos: {record}", flush=True)
     plot_scaling(out, rows)
@@ -852,19 +853,23 @@ def plot_scaling(out: Path, scaling: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    for method in dict.fromkeys(r["method"] for r in scaling):
-        rows = sorted((r for r in scaling if r["method"] == method), key=lambda r: r["num_demos"])
+    figure, axes = plt.subplots(1, 3, figsize=(11, 4.2))
+    models = list(dict.fromkeys(r.get("model", "smollm2-135m") for r in scaling))
+    for model, method in dict.fromkeys((r.get("model", "smollm2-135m"), r["method"]) for r in scaling):
+        rows = sorted((r for r in scaling if r.get("model", "smollm2-135m") == model and r["method"] == method),
+                      key=lambda r: r["num_demos"])
         sizes = [r["num_demos"] for r in rows]
-        axes[0].plot(sizes, [r["build_seconds"] for r in rows], marker="o", label=method)
-        axes[1].plot(sizes, [r["peak_rss_mb_over_baseline"] for r in rows], marker="o", label=method)
-        axes[2].plot(sizes, [r["query_seconds_mean"] for r in rows], marker="o", label=method)
+        label = f"{model} {method}" if len(models) > 1 else method  # one line per model and method
+        axes[0].plot(sizes, [r["build_seconds"] for r in rows], marker="o", label=label)
+        axes[1].plot(sizes, [r["peak_rss_mb_over_baseline"] for r in rows], marker="o", label=label)
+        axes[2].plot(sizes, [r["query_seconds_mean"] for r in rows], marker="o", label=label)
     for axis, title in zip(axes, ("build seconds", "peak RSS over baseline (MB)", "seconds per query")):
         axis.set_xlabel("demonstrations")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")  # one legend, below the three plots
+    figure.tight_layout(rect=(0, 0.04 + 0.05 * ((len(labels) + 2) // 3), 1, 1))
     figure.savefig(out / "scaling.png", dpi=120)
     plt.close(figure)
 

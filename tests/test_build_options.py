@@ -677,3 +677,34 @@ def test_a_bfloat16_probe_judges_in_bfloat16_and_keeps_the_models_own_keys_and_v
     assert "probe_dtype" not in _build(model, processor, method="emloc-query").stats["method"]["params"]
     with pytest.raises(ValueError, match="probe_dtype"):
         EmlocMethod(probe_dtype="float16")
+
+
+def test_layers_no_probe_row_can_read_are_decided_without_a_run_and_the_memory_is_the_same(tiny):
+    """`skip_unseen` (on by default): rows windowed as a query cannot read an early chunk in the sliding-window layers,
+    so those layers are decided without a probe run, with the JS of the layers above. The decisions and the memory
+    bytes are those of evaluating every candidate; only the probe's work shrinks. Rows right after the chunk (the
+    paper's) read it everywhere, so nothing is skipped for them."""
+    from modeling_emloc import Probe
+
+    model, processor, _ = tiny("gemma3")
+    sliding = [layer for layer in range(model.family.num_layers) if model.family.sliding_window(layer) is not None]
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "gemma3", 5)
+    far = chunk.next_position + 4 * model.family.sliding_window(sliding[0])
+    assert all(Probe(builder, memory, chunk, rows).sees_chunk(layer) for layer in range(model.family.num_layers))
+    as_query = Probe(builder, memory, chunk, rows, window_position=far)
+    assert [layer for layer in range(model.family.num_layers) if not as_query.sees_chunk(layer)] == sliding
+
+    demos = demos_for("gemma3", 12)
+    skipped = model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002)
+    evaluated = model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002, skip_unseen=False)
+    _same_bytes(skipped, evaluated)
+    skipped_chunks, evaluated_chunks = skipped.stats["build"]["chunks"], evaluated.stats["build"]["chunks"]
+    assert [c["ratios"] for c in skipped_chunks] == [c["ratios"] for c in evaluated_chunks]
+    for fast, slow in zip(skipped_chunks, evaluated_chunks):
+        assert fast["js"] == pytest.approx(slow["js"], abs=1e-6)
+    runs = [(c["probe_evaluations"], c["probe_layer_passes"]) for c in skipped_chunks]
+    all_runs = [(c["probe_evaluations"], c["probe_layer_passes"]) for c in evaluated_chunks]
+    assert all(fast <= slow for fast, slow in zip(runs, all_runs))
+    assert runs[0] < all_runs[0] and runs[-1] == all_runs[-1]  # the first chunk is far from the end, the last is not
+    assert "skip_unseen" not in skipped.stats["method"]["params"]
+    assert evaluated.stats["method"]["params"]["skip_unseen"] is False
