@@ -810,7 +810,8 @@ class Probe:
             self._freeze_rows(cache)
         del cache
         self.unpruned_js = None
-        self.unpruned_divergence = 0.0  # `divergence` of the chunk unpruned: the reference itself, unless another
+        # what `divergence` gives with nothing pruned: 0 against this very pass, or against another context (below)
+        self.unpruned_divergence = 0.0
         if reference is not None:
             # the same rows after another context: the variants start from this pass's hidden states (the chunk's
             # lower layers unpruned over the memory) and are compared with that context's answers

@@ -828,6 +828,7 @@ def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], mode
             record.update(method=method, num_demos=size, task=task, model=model_key(model))
             same = (record["model"], task, size, method)
             rows = [r for r in rows if (r.get("model"), r["task"], r["num_demos"], r["method"]) != same] + [record]
+            # SmolLM2's rows (the first measured) first, then each other model's, each by task, size and method
             rows.sort(key=lambda r: (r.get("model", "smollm2-135m") != "smollm2-135m", r.get("model", ""), r["task"],
                                      r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
             path.write_text(json.dumps(rows, indent=2) + "\n")
