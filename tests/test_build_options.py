@@ -698,6 +698,12 @@ def test_layers_no_probe_row_can_read_are_decided_without_a_run_and_the_memory_i
     skipped = model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002)
     evaluated = model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002, skip_unseen=False)
     _same_bytes(skipped, evaluated)
+    # rows placed where the queries start, and variants judged against the uncompressed context (whose unpruned JS is
+    # not 0): the same memory either way
+    for options in ({"probe_at": "end", "sliding": "probe"}, {"reference": "full"}):
+        _same_bytes(model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002, **options),
+                    model.build_memory(demos, processor=processor, chunk_size=2, delta=0.002, skip_unseen=False,
+                                       **options))
     skipped_chunks, evaluated_chunks = skipped.stats["build"]["chunks"], evaluated.stats["build"]["chunks"]
     assert [c["ratios"] for c in skipped_chunks] == [c["ratios"] for c in evaluated_chunks]
     for fast, slow in zip(skipped_chunks, evaluated_chunks):
