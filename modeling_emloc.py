@@ -822,8 +822,8 @@ class Probe:
             unpruned = self.reference
             self.reference = torch.log_softmax(self._logits(hidden[self.predicting]).float(), dim=-1)
             # how far `memory ⊕ chunk` already is from that context, before this chunk is pruned at all
-            self.unpruned_js = js_divergence(unpruned, self.reference).mean().item()
-            self.unpruned_divergence = self._aggregate(js_divergence(unpruned, self.reference))
+            drift = js_divergence(unpruned, self.reference)
+            self.unpruned_js, self.unpruned_divergence = drift.mean().item(), self._aggregate(drift)
             del cache
         # importance of each chunk token: attention from the scored positions, summed over them and over the query
         # heads of each KV group, then smoothed along the sequence (paper §3.2)
@@ -1509,7 +1509,7 @@ class EmlocQueryMethod(EmlocMethod):
         been part of the default's record (a checkpoint still tells builds apart by it: `MemoryBuilder._arguments`), nor
         have `recent` while it is 0, `probe_dtype` while it is None, `refine` while it is False and `skip_unseen` while
         it is True."""
-        unset = {"recent": 0, "probe_dtype": None, "refine": False, "skip_unseen": True}
+        unset = {"recent": 0, **{option: self.PAPER[option] for option in ("probe_dtype", "refine", "skip_unseen")}}
         params = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                   if field.name != "bisect_steps"
                   and not (field.name in unset and getattr(self, field.name) == unset[field.name])}

@@ -666,7 +666,7 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
         for row in scaling_rows(scaling):
             ratio = f"{row['build_over_prefill']:.1f}×" if row["build_over_prefill"] else "-"
             over_kept = f"{row['peak_over_kept']:.1f}" if row["peak_over_kept"] else "-"
-            lines.append(f"| {row.get('model', 'smollm2-135m')} | {row['task']} | {row['method']} | {row['num_demos']} | "
+            lines.append(f"| {scaling_model(row)} | {row['task']} | {row['method']} | {row['num_demos']} | "
                          f"{row['context_tokens']} | {row['build_seconds']:.1f} | {ratio} | "
                          f"{row['peak_rss_mb_over_baseline']:.0f} | {row['kept_kv_mb']:.1f} | {over_kept} | "
                          f"{row['query_seconds_mean']:.3f} |")
@@ -828,13 +828,18 @@ def run_scaling(out: Path, task: str, sizes: list[int], methods: list[str], mode
             record.update(method=method, num_demos=size, task=task, model=model_key(model))
             same = (record["model"], task, size, method)
             rows = [r for r in rows if (r.get("model"), r["task"], r["num_demos"], r["method"]) != same] + [record]
-            # SmolLM2's rows (the first measured) first, then each other model's, each by task, size and method
-            rows.sort(key=lambda r: (r.get("model", "smollm2-135m") != "smollm2-135m", r.get("model", ""), r["task"],
-                                     r["num_demos"], order.index(r["method"]) if r["method"] in order else 99))
+            models = list(dict.fromkeys(scaling_model(r) for r in rows))  # each model's rows together, in measured order
+            rows.sort(key=lambda r: (models.index(scaling_model(r)), r["task"], r["num_demos"],
+                                     order.index(r["method"]) if r["method"] in order else 99))
             path.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"[scaling] {task} {method} {size} demos: {record}", flush=True)
     plot_scaling(out, rows)
     return rows
+
+
+def scaling_model(row: dict) -> str:
+    """The model of a scaling record; the records from before the model was recorded are SmolLM2's."""
+    return row.get("model", "smollm2-135m")
 
 
 def scaling_rows(scaling: list[dict]) -> list[dict]:
@@ -855,9 +860,9 @@ def plot_scaling(out: Path, scaling: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(11, 4.2))
-    models = list(dict.fromkeys(r.get("model", "smollm2-135m") for r in scaling))
-    for model, method in dict.fromkeys((r.get("model", "smollm2-135m"), r["method"]) for r in scaling):
-        rows = sorted((r for r in scaling if r.get("model", "smollm2-135m") == model and r["method"] == method),
+    models = list(dict.fromkeys(scaling_model(r) for r in scaling))
+    for model, method in dict.fromkeys((scaling_model(r), r["method"]) for r in scaling):
+        rows = sorted((r for r in scaling if scaling_model(r) == model and r["method"] == method),
                       key=lambda r: r["num_demos"])
         sizes = [r["num_demos"] for r in rows]
         label = f"{model} {method}" if len(models) > 1 else method  # one line per model and method
