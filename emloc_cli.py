@@ -3,7 +3,7 @@
 emloc: task memories from the command line.
 
     emloc build DEMOS --model REPO --out DIR [--method NAME] [--chunk-size N] [--PARAM VALUE ...]
-    emloc ask MEMORY "question" [--image FILE ...] [--choices A,B,C] [--model REPO]
+    emloc ask MEMORY "question" [--image FILE ...] [--choices A,B,C [--calibrate]] [--model REPO]
     emloc eval --model REPO --demos D.jsonl --queries Q.jsonl --methods zero-shot,full,emloc --out OUT
     emloc push MEMORY REPO_ID [--private] [--revision BRANCH]
     emloc inspect MEMORY
@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import inspect as _inspect
 import json
+import math
 import os
 import re
 import sys
@@ -84,7 +85,7 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
 
 def ask(memory: str, question: str, image: list[str] | None = None, choices: str | None = None,
         model: str | None = None, max_new_tokens: int = 32, device: str | None = None,
-        retrieve: int | None = None) -> str | list:
+        retrieve: int | None = None, calibrate: bool = False) -> str | list:
     """Answer a question from a task memory (`model.load_memory`, then `model.generate` or `model.score_choices`).
 
     The answer streams to standard output; with `--choices`, each choice is printed with its log-probability, best
@@ -99,11 +100,21 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         max_new_tokens: the longest answer, in tokens.
         device: where to run (`cuda`, `cpu`, ...; default: where the model loads).
         retrieve: answer from the memory's tokens of the question's nearest demonstrations only (this many).
+        calibrate: with `--choices`, divide out the label prior the memory recorded for these choices when it was
+            built (calibrated log-probabilities; README, "Calibrated answers").
     """
     directory = _memory_directory(memory)
     if retrieve is not None and retrieve < 1:
         raise UsageError(f"--retrieve {retrieve}: give a positive number of demonstrations")
+    if calibrate and not choices:
+        raise UsageError("--calibrate: calibration ranks --choices; give them")
     config = _memory_config(directory)
+    if calibrate:
+        options = [choice.strip() for choice in choices.split(",") if choice.strip()]
+        recorded = [entry["choices"] for entry in (config.get("calibration") or {}).get("priors", [])]
+        if options not in recorded:
+            raise UsageError(f"--calibrate: {memory} records no label prior for the choices {options} "
+                             f"(it records {recorded or 'none'}); ask without --calibrate")
     recorded = config.get("base_model") or {}
     rendering = config.get("rendering") or {}
     reference = model or recorded.get("name_or_path")
@@ -120,7 +131,8 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         query["images"] = list(image)
     if choices:
         options = [choice.strip() for choice in choices.split(",") if choice.strip()]
-        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, retrieve=retrieve)[0]
+        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, retrieve=retrieve,
+                                           calibrate=calibrate)[0]
         ranked = sorted(zip(options, scores), key=lambda pair: -pair[1])
         width = max(len(choice) for choice in options)
         for choice, score in ranked:
@@ -276,6 +288,9 @@ def _tables(memory: str, config: dict) -> list[str]:
         ("retrieval", f"{config['retrieval']['num_demos']} demonstrations, keys entering layer "
                       f"{config['retrieval']['layer']} (ask --retrieve K)" if config.get("retrieval") else "none"),
     ]
+    for entry in (config.get("calibration") or {}).get("priors", []):
+        prior = ", ".join(f"{choice} {math.exp(value):.2f}" for choice, value in zip(entry["choices"], entry["log_prior"]))
+        rows.append(("label prior", f"{prior} (from {entry['rows']} demonstrations' questions; ask --calibrate)"))
     if config.get("validation"):
         validation = config["validation"]
         rows.append(("validation", f"mean JS {validation.get('mean_js')} to the full context on {validation.get('rows')} "
@@ -419,6 +434,7 @@ def _parser() -> argparse.ArgumentParser:
     argument("max_new_tokens", "--max-new-tokens", type=int, default=32, metavar="N")
     argument("device", "--device")
     argument("retrieve", "--retrieve", type=int, metavar="K")
+    argument("calibrate", "--calibrate", action="store_true")
 
     summary, description, _ = _docstring(evaluate)
     commands.add_parser("eval", help=summary, description=description, add_help=False)

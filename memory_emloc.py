@@ -796,6 +796,12 @@ def _card_code(config: dict, repo_id: str | None) -> str:
     if config.get("retrieval"):
         lines += ["# or from the memory of its 8 nearest demonstrations only (retrieval inside the memory):",
                   "out = model.generate(**inputs, max_new_tokens=16, retrieve=8)"]
+    priors = (config.get("calibration") or {}).get("priors") or []
+    if priors:  # a classification task: rank its choices, with the label prior the memory recorded divided out
+        choices = json.dumps(priors[0]["choices"], ensure_ascii=False)
+        lines += ["# or rank the choices, with the label prior the memory recorded divided out:",
+                  f"query = dict({query}, choices={choices})",
+                  "scores = model.score_choices([query], processor=processor, calibrate=True)[0]"]
     return "\n".join(lines)
 
 

@@ -156,11 +156,13 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
     same run) and the memories they refer to (`LABEL+retrieve@K`; `X@LABEL` of a LABEL not yet measured), which are
     rebuilt, not reused; `X@LABEL` of a LABEL on record takes its recorded kept share — and adds their records to its
     `results.json` (the whole run stays in `added/`). The records already there are kept: every
-    method is deterministic given the split."""
+    method is deterministic given the split. When every method added is `X+calibrate`, the run takes the per-query
+    scores on record (`--reuse-scores`) for zero-shot and for each memory rebuilt to the same size: only the priors
+    are computed."""
     needed, shares = [label for label in ("zero-shot", "full") if label not in missing], {}
     for label in missing:
         spec = evaluate_memory.parse_methods(label)[0]
-        base = label.split("+select")[0].split("+retrieve")[0]
+        base = spec.uncalibrated.split("+select")[0].split("+retrieve")[0]
         share = results["methods"].get(spec.reference, {}).get("kept_ratio") if spec.reference else None
         if share is not None:  # `X@LABEL` needs only LABEL's share, on record: no rebuild
             shares[spec.reference] = share
@@ -169,9 +171,13 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
                 needed.append(dependency)
     started = time.perf_counter()
     work = out / f"added-{len(results.get('added', []))}"
+    # calibrated records of methods on record: their memories are rebuilt for the prior, their queries not scored again
+    reuse = ["--reuse-scores", str(out / "results.json")] if all(
+        evaluate_memory.parse_methods(label)[0].calibrate for label in missing) else []
     added = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
                                   str(out / "queries.jsonl"), "--methods", ",".join(needed + missing), "--out", str(work),
-                                  "--task", task, "--shares", *(f"{label}={share!r}" for label, share in shares.items())])
+                                  "--task", task, *reuse,
+                                  "--shares", *(f"{label}={share!r}" for label, share in shares.items())])
     for label in missing:
         results["methods"][label] = added["methods"][label]
     results.setdefault("added", []).append({"methods": missing, "rebuilt": needed, "shares": shares, "dir": work.name,
@@ -235,10 +241,31 @@ def is_target_label(label: str) -> bool:
     return spec.name == "default" and is_memory_label(label) and set(spec.params) <= {"budget"}
 
 
+def references(label: str) -> tuple[str, str]:
+    """The zero-shot and full-context labels `label` is measured against: calibrated scores (`X+calibrate`) against
+    the calibrated `zero-shot+calibrate` and `full+calibrate`, so that retained gain, agreement and differences compare
+    like with like."""
+    if evaluate_memory.parse_methods(label)[0].calibrate:
+        return "zero-shot" + evaluate_memory.CALIBRATE, "full" + evaluate_memory.CALIBRATE
+    return "zero-shot", "full"
+
+
+def same_share(label: str, other: str) -> bool:
+    """`other` is a memory at `label`'s kept share (`snapkv@default` for `default`), scored alike (both calibrated or
+    neither)."""
+    spec, other_spec = evaluate_memory.parse_methods(label)[0], evaluate_memory.parse_methods(other)[0]
+    return other != label and spec.calibrate == other_spec.calibrate \
+        and other_spec.uncalibrated.endswith(f"@{spec.uncalibrated}")
+
+
 def random_comparator(label: str) -> str | None:
     """The `random` method at the same kept share as `label`: `random@LABEL` for a memory LABEL, `random@REF` for
-    `X@REF` (REF a fraction or a label); None where there is none (baselines, `full`, random itself, `+select`)."""
+    `X@REF` (REF a fraction or a label); None where there is none (baselines, `full`, random itself, `+select`). A
+    calibrated label's comparator is calibrated too."""
     spec = evaluate_memory.parse_methods(label)[0]
+    if spec.calibrate:
+        comparator = random_comparator(spec.uncalibrated)
+        return None if comparator is None else comparator + evaluate_memory.CALIBRATE
     if spec.name in ("zero-shot", "full", "random") or spec.name in evaluate_memory.BASELINES or spec.select is not None \
             or spec.retrieve is not None:
         return None
@@ -262,11 +289,11 @@ def load_answers(split_dir: Path, results: dict) -> list[str]:
 def per_query(results: dict, answers: list[str]) -> dict:
     """Per method of one split: `correct`, `agree` (top choice = full's), `js` (to full), one value per query."""
     methods = results["methods"]
-    full = methods.get("full", {}).get("choice_logprobs")
     out = {}
     for label, record in methods.items():
         if "predictions" not in record:
             continue
+        full = methods.get(references(label)[1], {}).get("choice_logprobs")
         row = {"correct": [float(p == a) for p, a in zip(record["predictions"], answers)]}
         if full is not None and record.get("choice_logprobs") is not None:
             row["agree"] = [float(top_choice(m) == top_choice(f)) for m, f in zip(record["choice_logprobs"], full)]
@@ -283,6 +310,7 @@ def ordered_methods(splits: list[dict], preferred: list[str] | None = None) -> l
                 seen.append(label)
     first = [m for m in (preferred or []) if m in seen]
     head = [m for m in ("zero-shot", "full") if m in seen and m not in first]
+    first += [m for m in ("zero-shot+calibrate", "full+calibrate") if m in seen and m not in first]
     return head + first + [m for m in seen if m not in first and m not in head]
 
 
@@ -310,21 +338,22 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
     groups = np.concatenate([np.full(s["num_queries"], i) for i, s in enumerate(splits)])
     contrasts, ratios = set(), []
     for label in labels:
-        if label != "full" and "full" in correct:
-            contrasts.add((label, "full"))
+        zero_shot, full = references(label)
+        if label != full and full in correct:
+            contrasts.add((label, full))
         comparator = random_comparator(label)
         if comparator in correct:
             contrasts.add((label, comparator))
-        if is_memory_label(label):
+        if is_memory_label(evaluate_memory.parse_methods(label)[0].uncalibrated):
             for other in labels:
-                if other != label and other.endswith(f"@{label}"):
+                if same_share(label, other):
                     contrasts.add((label, other))
         if rices_comparator(label) in correct:
             contrasts.add((label, rices_comparator(label)))
-        if "zero-shot" in correct and "full" in correct and label not in ("zero-shot", "full"):
+        if zero_shot in correct and full in correct and label not in (zero_shot, full):
             ratios.append(label)
     boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, resamples=resamples, seed=seed,
-                            gains=[(label, "zero-shot", "full") for label in ratios])
+                            gains=[(label, *references(label)) for label in ratios])
     # a memory recorded before `drop_unreadable` counted its kept share over the whole context; that differs from what a
     # query reads where the model has sliding windows, which shows in the task's newer records
     totals = [r.get("memory_stats", {}).get("totals", {}) for s in splits for r in s["results"]["methods"].values()]
@@ -344,8 +373,8 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
         entry = {
             "accuracy": boot["mean"][label],
             "retained_gain": boot["gain"].get(label),
-            "agreement": _mean(agree[label]) if label != "full" else 1.0,
-            "mean_js": _mean(js[label]) if label != "full" else 0.0,
+            "agreement": _mean(agree[label]) if label != references(label)[1] else 1.0,
+            "mean_js": _mean(js[label]) if label != references(label)[1] else 0.0,
             "kept_ratio": 0.0 if method_family(label) in NO_KEPT_SHARE else _mean(r.get("kept_ratio") for _, r in done),
             "build_seconds": _mean(r.get("build_seconds") for _, r in done),
             "build_over_full_prefill": _mean(build_ratio),
@@ -356,16 +385,17 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
             "errors": [{"seed": s["seed"], "error": r["error"]} for s, r in records if "error" in r],
             "missing_splits": [s["seed"] for s, r in records if not r],
         }
-        if label != "full" and (label, "full") in contrasts:
-            entry["vs_full"] = boot["diff"][f"{label}-full"]
+        full = references(label)[1]
+        if (label, full) in contrasts:
+            entry["vs_full"] = boot["diff"][f"{label}-{full}"]
         comparator = random_comparator(label)
         if comparator is not None:
             entry["vs_random"] = {"against": comparator, **boot["diff"][f"{label}-{comparator}"]} \
                 if (label, comparator) in contrasts else {"against": comparator, "estimate": None, "missing": True}
-        same_share = {other: boot["diff"][f"{label}-{other}"] for a, other in sorted(contrasts)
-                      if a == label and other.endswith(f"@{label}")}
-        if same_share:
-            entry["vs_same_share"] = same_share
+        at_share = {other: boot["diff"][f"{label}-{other}"] for a, other in sorted(contrasts)
+                    if a == label and same_share(label, other)}
+        if at_share:
+            entry["vs_same_share"] = at_share
         if (label, rices_comparator(label)) in contrasts:
             entry["vs_rices"] = {"against": rices_comparator(label), **boot["diff"][f"{label}-{rices_comparator(label)}"]}
         if windowed:
@@ -394,7 +424,7 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
     groups = np.concatenate([np.full(s["num_queries"], i) for i, s in enumerate(all_splits)])
     weights = np.concatenate([np.full(s["num_queries"], 1.0 / task_queries[t])
                               for t in kept_tasks for s in tasks[t]["splits_data"]])
-    contrasts = {(l, "full") for l in complete if l != "full" and "full" in complete}
+    contrasts = {(l, references(l)[1]) for l in complete if l != references(l)[1] and references(l)[1] in complete}
     contrasts |= {(l, random_comparator(l)) for l in complete if random_comparator(l) in complete}
     boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, weights=weights, resamples=resamples, seed=seed)
     summary = {}
@@ -406,8 +436,8 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
                     ("agreement", "mean_js", "kept_ratio", "build_seconds", "build_over_full_prefill", "query_seconds_mean",
                      "query_over_zero_shot")},
                  "retained_gain": _mean(gains) if all(g is not None for g in gains) else None}
-        if (label, "full") in contrasts:
-            entry["vs_full"] = boot["diff"][f"{label}-full"]
+        if (label, references(label)[1]) in contrasts:
+            entry["vs_full"] = boot["diff"][f"{label}-{references(label)[1]}"]
         comparator = random_comparator(label)
         if (label, comparator) in contrasts:
             entry["vs_random"] = {"against": comparator, **boot["diff"][f"{label}-{comparator}"]}

@@ -34,6 +34,10 @@ value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
     full+retrieve@K, default+retrieve@K, snapkv@F+retrieve@K, ...   retrieval inside the memory: each query attends to
                               its K nearest demonstrations' kept tokens only (`retrieve=K`); a memory without a
                               retrieval index (kvpress) is indexed first (`model.index_memory`)
+    X+calibrate               X's scores with its context's label prior divided out (`score_choices(calibrate=...)`,
+                              the prior from `--calibration-rows` demonstrations' questions): zero-shot+calibrate,
+                              full+calibrate, default+calibrate, snapkv@default+calibrate, ...; agreement is then
+                              measured against full+calibrate when it is in the run
 
 Writes OUT/results.json (design §5), OUT/report.md and OUT/*.png. Under `accelerate launch --num_processes N`, the
 queries are split across processes (memories are built once, on the main process, and shared through OUT/memories).
@@ -84,6 +88,12 @@ class MethodSpec:
     kept: float | str | None = None
     select: float | None = None
     retrieve: int | None = None
+    calibrate: bool = False
+
+    @property
+    def uncalibrated(self) -> str:
+        """The label of the same spec without `+calibrate`."""
+        return self.text[:-len(CALIBRATE)] if self.calibrate else self.text
 
     @property
     def label(self) -> str:
@@ -137,18 +147,22 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+CALIBRATE = "+calibrate"
 _SPEC = re.compile(r"([A-Za-z0-9_\-]+)(\+select)?(?:\[([^\]]*)\])?(?:@(.+?))?(?:\+retrieve(?:@(\d+))?)?")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
     specs = []
     for item in split_methods(text):
-        match = _SPEC.fullmatch(item)
+        calibrate = item.endswith(CALIBRATE)
+        match = _SPEC.fullmatch(item[:-len(CALIBRATE)] if calibrate else item)
         if match is None:
             raise SystemExit(f"--methods: cannot read {item!r} (expected name[k=v;...]@F or name@LABEL)")
         name, select, params, kept, retrieve = match.groups()
         params = dict(kv.split("=", 1) if "=" in kv else (kv, "true") for kv in params.split(";") if kv) if params else {}
-        spec = MethodSpec(item, name, {k.strip(): _value(v.strip()) for k, v in params.items()})
+        spec = MethodSpec(item, name, {k.strip(): _value(v.strip()) for k, v in params.items()}, calibrate=calibrate)
+        if calibrate and name in ("rices", "lora"):
+            raise SystemExit(f"--methods: {item!r}: calibration needs one context for every query, {name} has none")
         if item.endswith("+retrieve") or retrieve is not None:
             spec.retrieve = int(retrieve) if retrieve is not None else 8
             if name in BASELINES:
@@ -168,7 +182,9 @@ def order_specs(specs: list[MethodSpec]) -> list[MethodSpec]:
     """`full` first (every other method is compared with it), then each spec after the memory its `@LABEL` refers to;
     otherwise the given order."""
     labels = {s.label for s in specs}
-    ordered = [s for s in specs if s.name == "full" and s.select is None and s.retrieve is None]
+    # the plain full context, then its calibrated scores (the reference of the calibrated methods)
+    ordered = sorted((s for s in specs if s.name == "full" and s.select is None and s.retrieve is None),
+                     key=lambda s: s.calibrate)
     rest = [s for s in specs if s not in ordered]
     while rest:
         done = {s.label for s in ordered}
@@ -461,6 +477,7 @@ def evaluate(args) -> dict:
 
     from memory_emloc import TaskMemory
     from metrics import load_metric
+    from modeling_emloc import calibrated_scores
     from processing_emloc import load_examples
 
     # without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join as CPU processes (gloo)
@@ -482,11 +499,46 @@ def evaluate(args) -> dict:
         emloc_args["budget"] = args.budget
     # kept shares of memories measured in an earlier run on the same split (`X@LABEL` without rebuilding LABEL)
     measured_shares = {label: float(share) for label, share in (item.rsplit("=", 1) for item in args.shares)}
+    # per-query scores on record for these queries (`--reuse-scores`): a memory rebuilt to the same size, or zero-shot,
+    # scores them the same (every method is deterministic given the split), so they are taken instead of scored again
+    recorded = {}
+    if args.reuse_scores:
+        earlier = json.loads(Path(args.reuse_scores).read_text())
+        if earlier.get("answers") != [q["answer"] for q in queries]:
+            raise SystemExit(f"--reuse-scores {args.reuse_scores}: recorded for other queries")
+        recorded = earlier["methods"]
 
     results = {"model": args.model, "task": args.task, "num_demos": len(demos), "num_queries": len(queries),
                "machine": machine_description(), "processes": state.num_processes, "methods": {}}
     memories: dict[str, TaskMemory] = {}
-    full_scores = None
+    full_scores = calibrated_full_scores = None
+
+    def raw_scores(spec, memory, score):
+        """Per-query scores and latencies of `spec` before any calibration: for `X+calibrate`, X's from this run; or
+        a record of `--reuse-scores` made with a memory of the same size (or none); else `score()`. Also says where
+        they came from."""
+        label = spec.uncalibrated
+        sources = [("this run", results["methods"])] if spec.calibrate else []
+        sources.append((args.reuse_scores, recorded))
+        for source, methods in sources:
+            record = methods.get(label, {})
+            same_memory = memory is None or (record.get("kept_kv_bytes") == memory.stats["totals"]["kept_kv_bytes"]
+                                             and record.get("kept_ratio") == memory.stats["totals"]["kept_ratio"])
+            if "choice_logprobs" in record and same_memory:
+                return record["choice_logprobs"], [record["query_seconds_mean"]] * len(queries), f"{label} ({source})"
+        scores, latencies = score()
+        return scores, latencies, None
+
+    def calibrate(spec, memory, scores) -> tuple[list, dict]:
+        """`X+calibrate`: the scores with the label prior of X's context divided out; the prior is the memory's
+        recorded one when it was estimated from as many rows, else estimated here."""
+        recorded_prior = (memory.stats.get("calibration") or {}) if memory is not None else {}
+        priors = recorded_prior.get("priors") if recorded_prior.get("rows") == args.calibration_rows else None
+        if priors is None:
+            priors = model.estimate_choice_prior(demos, memory, processor, rows=args.calibration_rows)
+        by_choices = {tuple(entry["choices"]): entry["log_prior"] for entry in priors}
+        calibrated = [calibrated_scores(row, by_choices[tuple(q["choices"])]) for row, q in zip(scores, queries)]
+        return calibrated, {"rows": args.calibration_rows, "priors": priors}
 
     def shared_memory(label, build):
         """Built on the main process, saved, and loaded by the others."""
@@ -529,8 +581,10 @@ def evaluate(args) -> dict:
             print(f"[{spec.label}]", flush=True)
         record: dict = {}
         try:
+            memory, scores_from = None, None
             if spec.name == "zero-shot":
-                scores, latencies = score_queries(model, processor, queries, None, state=state)
+                scores, latencies, scores_from = raw_scores(
+                    spec, None, lambda: score_queries(model, processor, queries, None, state=state))
                 record.update(kept_ratio=0.0, kept_kv_bytes=0, build_seconds=0.0)
             elif spec.name not in BASELINES:
                 if spec.name in KVPRESS_PRESSES:
@@ -542,13 +596,13 @@ def evaluate(args) -> dict:
                             return build_kvpress_memories(model, processor, demos, [(spec.name, kept)], Path(work), base_dir)[(spec.name, kept)]
                 else:
                     build = own_build(spec)
-                base_label = spec.label.split("+select")[0].split("+retrieve")[0]
+                base_label = spec.uncalibrated.split("+select")[0].split("+retrieve")[0]
                 memory = memories.get(base_label) or shared_memory(base_label, build)
                 memories.setdefault(base_label, memory)
                 if spec.retrieve is not None and memory.retrieval is None:  # a press's memory: index it here
                     model.index_memory(memory, demos, processor=processor)
-                scores, latencies = score_queries(model, processor, queries, memory, select=spec.select, state=state,
-                                                  retrieve=spec.retrieve)
+                scores, latencies, scores_from = raw_scores(spec, memory, lambda: score_queries(
+                    model, processor, queries, memory, select=spec.select, state=state, retrieve=spec.retrieve))
                 record.update(memory_record(memory))
                 if spec.retrieve is not None:
                     record["retrieve"] = spec.retrieve
@@ -564,9 +618,10 @@ def evaluate(args) -> dict:
                 if share is None:
                     raise ValueError(f"{spec.label}: few-shot prompting needs a kept share, e.g. shots@0.2 or shots@default")
                 count, share = leading_shots(processor, demos, share)
-                memory = shared_memory(spec.label, lambda: model.build_memory(demos[:count], processor=processor,
-                                                                              method="full", chunk_size=count))
-                scores, latencies = score_queries(model, processor, queries, memory, state=state)
+                memory = shared_memory(spec.uncalibrated, lambda: model.build_memory(demos[:count], processor=processor,
+                                                                                     method="full", chunk_size=count))
+                scores, latencies, scores_from = raw_scores(
+                    spec, memory, lambda: score_queries(model, processor, queries, memory, state=state))
                 record.update(memory_record(memory))
                 record.update(kept_ratio=share, full_kv_bytes=round(record["kept_kv_bytes"] / share), shots=count)
             elif spec.name == "lora":
@@ -577,10 +632,19 @@ def evaluate(args) -> dict:
                 record.update(build_seconds=stats["train_seconds"], kept_ratio=0.0, lora=stats)
             else:
                 raise ValueError(f"unknown method {spec.name!r}")
+            if scores_from is not None:
+                record["scores_from"] = scores_from
+            if spec.calibrate:
+                scores, record["calibration"] = calibrate(spec, memory, scores)
             plain_full = spec.name == "full" and spec.select is None and spec.retrieve is None and not spec.params
-            if plain_full:
-                full_scores = scores
-            record.update(summarise(queries, scores, latencies, None if plain_full else full_scores, metrics))
+            reference = full_scores
+            if plain_full and not spec.calibrate:
+                full_scores, reference = scores, None
+            elif plain_full:
+                calibrated_full_scores, reference = scores, None
+            elif spec.calibrate and calibrated_full_scores is not None:
+                reference = calibrated_full_scores
+            record.update(summarise(queries, scores, latencies, reference, metrics))
             record["choice_logprobs"] = scores
         except Exception as error:  # one failing baseline must not lose the others' results
             if state.is_main_process:
@@ -616,6 +680,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--shares", nargs="*", default=[], metavar="LABEL=F",
                         help="kept shares of memories measured in an earlier run on these demonstrations: `X@LABEL` "
                              "then takes LABEL's share without rebuilding it (benchmark.py --add)")
+    parser.add_argument("--reuse-scores", default=None, metavar="RESULTS_JSON",
+                        help="take per-query scores from this earlier run on the same queries instead of scoring again, "
+                             "for zero-shot and for memories rebuilt to the same size (benchmark.py --add of "
+                             "`+calibrate` methods)")
+    parser.add_argument("--calibration-rows", type=int, default=16,
+                        help="demonstrations whose questions estimate the label prior of `X+calibrate`")
     parser.add_argument("--template", default=None, choices=("chat", "plain"), help="override the processor's rendering")
     parser.add_argument("--task", default=None, help="a name for the report")
     args = parser.parse_args(argv)

@@ -210,6 +210,35 @@ def test_comparators_and_method_specs():
     assert evaluate_memory.parse_methods("random@0.25")[0].kept == 0.25
 
 
+def test_calibrated_methods_are_measured_against_calibrated_references(tmp_path):
+    import benchmark
+
+    calibrated = {"zero-shot+calibrate": (0.4, 0.0, 0.0), "full+calibrate": (0.9, 1.0, 2.0),
+                  "default+calibrate": (0.85, 0.2, 10.0, "emloc"), "random@default+calibrate": (0.5, 0.2, 2.0),
+                  "kvzip@default+calibrate": (0.7, 0.2, 5.0)}
+    model = tmp_path / "smollm2-135m"
+    _write_split(model / "iris" / "screen-seed100", 100, 60, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
+    splits = {seed: _write_split(model / "iris" / f"seed{seed}", seed, 80, {**SUITE, **calibrated}) for seed in (0, 1)}
+    benchmark.main(["--out", str(tmp_path), "--report-only", "--bootstrap", "300"])
+    methods = json.loads((tmp_path / "results.json").read_text())["models"]["smollm2-135m"]["tasks"]["iris"]["methods"]
+    correct = {label: np.concatenate([[p == a for p, a in zip(splits[s][0][label]["predictions"], splits[s][1])]
+                                      for s in (0, 1)]) for label in {**SUITE, **calibrated}}
+    zero, full, default = (correct[k].mean() for k in ("zero-shot+calibrate", "full+calibrate", "default+calibrate"))
+    entry = methods["default+calibrate"]
+    assert entry["retained_gain"]["estimate"] == pytest.approx((default - zero) / (full - zero))
+    assert entry["vs_full"]["estimate"] == pytest.approx(default - full)
+    assert entry["vs_random"]["against"] == "random@default+calibrate"
+    assert set(entry["vs_same_share"]) == {"random@default+calibrate", "kvzip@default+calibrate"}
+    assert set(methods["default"]["vs_same_share"]) == {"random@default", "kvzip@default"}
+    assert methods["kvzip@default+calibrate"]["vs_random"]["against"] == "random@default+calibrate"
+    top = {label: [np.argmax(r) for s in (0, 1) for r in splits[s][0][label]["choice_logprobs"]]
+           for label in ("full+calibrate", "default+calibrate")}
+    assert entry["agreement"] == pytest.approx(np.mean(np.equal(top["full+calibrate"], top["default+calibrate"])))
+    assert methods["full+calibrate"]["agreement"] == 1.0 and "vs_full" not in methods["full+calibrate"]
+    assert benchmark.references("snapkv@default+calibrate") == ("zero-shot+calibrate", "full+calibrate")
+    assert benchmark.references("default") == ("zero-shot", "full")
+
+
 def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     """Two seeded splits of a tiny random model: screening, splits, report; a second call reruns nothing."""
     import benchmark

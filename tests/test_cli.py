@@ -77,6 +77,8 @@ def test_help_comes_from_the_docstrings(workspace):
 
 
 def test_build_inspect_and_ask(workspace):
+    from modeling_emloc import calibrated_scores
+
     root, repo = workspace
     _, err = emloc("build", "demos.jsonl", "--model", repo, "--out", "memory", "--method", "emloc",
                    "--delta", "0.01", "--ratios", "0.1,0.2,0.5", "--chunk-size", "2", cwd=root)
@@ -103,6 +105,17 @@ def test_build_inspect_and_ask(workspace):
     out, _ = emloc("ask", "memory", QUESTION, "--model", repo, "--choices", "setosa,versicolor,virginica",
                    "--retrieve", "2", cwd=root)
     assert max(float(line.split()[1]) for line in out.strip().splitlines()) == pytest.approx(max(retrieved), abs=1e-3)
+    # calibrated: the label prior the build recorded for these choices, divided out (and shown by inspect)
+    out, _ = emloc("ask", "memory", QUESTION, "--model", repo, "--choices", "setosa,versicolor,virginica",
+                   "--calibrate", cwd=root)
+    (prior,) = config["calibration"]["priors"]
+    expected = calibrated_scores(scores, prior["log_prior"])
+    assert {name: float(value) for name, value in (line.split() for line in out.strip().splitlines())} == \
+        pytest.approx(dict(zip(prior["choices"], expected)), abs=1e-3)
+    out, _ = emloc("inspect", "memory", cwd=root)
+    assert "label prior" in out and f"(from {prior['rows']} demonstrations' questions" in out
+    _, err = emloc("ask", "memory", QUESTION, "--model", repo, "--choices", "red,green", "--calibrate", cwd=root, expect=2)
+    assert "records no label prior for the choices ['red', 'green']" in _error_line(err, "ask")
 
     # the memory names no Hub model (it was built from a directory): ask says so
     _, err = emloc("ask", "memory", QUESTION, cwd=root, expect=2)

@@ -48,6 +48,11 @@ def test_memory_config_and_card(llama_memory, tmp_path):
     assert "load_memory" in card and "emloc" in card
     assert config["format_version"] == 2 and config["retrieval"]["num_demos"] == memory.retrieval.num_demos
     assert "retrieve=8" in card  # the memory has a retrieval index: the card shows how to use it
+    # demonstrations with choices: the memory recorded its label prior, and the card shows calibrated ranking
+    assert config["calibration"]["priors"][0]["choices"] == demos_for("llama", 1)[0]["choices"]
+    assert 'choices=["setosa", "versicolor", "virginica"]' in card and "calibrate=True" in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "card", "exec")  # the card's code is Python
     # nothing in a memory directory is a pickle
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
 
