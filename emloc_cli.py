@@ -108,13 +108,13 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         raise UsageError(f"--retrieve {retrieve}: give a positive number of demonstrations")
     if calibrate and not choices:
         raise UsageError("--calibrate: calibration ranks --choices; give them")
+    options = [choice.strip() for choice in choices.split(",") if choice.strip()] if choices else None
     config = _memory_config(directory)
     if calibrate:
-        options = [choice.strip() for choice in choices.split(",") if choice.strip()]
-        recorded = [entry["choices"] for entry in (config.get("calibration") or {}).get("priors", [])]
-        if options not in recorded:
+        covered = [entry["choices"] for entry in (config.get("calibration") or {}).get("priors", [])]
+        if options not in covered:
             raise UsageError(f"--calibrate: {memory} records no label prior for the choices {options} "
-                             f"(it records {recorded or 'none'}); ask without --calibrate")
+                             f"(it records {covered or 'none'}); ask without --calibrate")
     recorded = config.get("base_model") or {}
     rendering = config.get("rendering") or {}
     reference = model or recorded.get("name_or_path")
@@ -129,8 +129,7 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
     query = {"question": question}
     if image:
         query["images"] = list(image)
-    if choices:
-        options = [choice.strip() for choice in choices.split(",") if choice.strip()]
+    if options is not None:
         scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, retrieve=retrieve,
                                            calibrate=calibrate)[0]
         ranked = sorted(zip(options, scores), key=lambda pair: -pair[1])

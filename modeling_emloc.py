@@ -2230,10 +2230,10 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
 
         A context biases a small model towards some answers whatever the question (contextual calibration: Zhao et
         al., 2021; Zhou et al., 2024). A compressed memory can carry a stronger bias than the full context: on the
-        benchmark the default's memories that answered one class to almost every query still ranked the right class
-        high once that bias was divided out. The prior is estimated on inputs of the task itself: the questions of up
-        to `rows` demonstrations per set of choices, spread evenly over `demos`, asked of the memory as queries (their
-        answers are not used). It is the mean of their distributions over the choices.
+        benchmark a default memory that answered one class to all 240 queries (0.500) scored 0.738 once its bias was
+        divided out (README, "Calibrated answers"). The prior is estimated on inputs of the task itself: the
+        questions of up to `rows` demonstrations per set of choices, spread evenly over `demos`, asked of the memory
+        as queries (their answers are not used). It is the mean of their distributions over the choices.
 
         Returns one entry per distinct `choices` list: `{"choices": [...], "log_prior": [...], "rows": n}`, the form
         `score_choices(calibrate=...)` and `memory.stats["calibration"]["priors"]` take.

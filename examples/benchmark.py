@@ -287,7 +287,8 @@ def load_answers(split_dir: Path, results: dict) -> list[str]:
 
 
 def per_query(results: dict, answers: list[str]) -> dict:
-    """Per method of one split: `correct`, `agree` (top choice = full's), `js` (to full), one value per query."""
+    """Per method of one split: `correct`, `agree` (top choice = full's), `js` (to full), one value per query; a
+    calibrated method's `full` is the calibrated full context (`references`)."""
     methods = results["methods"]
     out = {}
     for label, record in methods.items():
