@@ -1695,6 +1695,18 @@ class MemoryBuilder:
         return {"rows": count, "mean_js": round(divergence, 6), "seconds": round(time.perf_counter() - started, 3)}
 
 
+def choice_priors(priors: list[dict], choice_lists: Sequence[Sequence[str]],
+                  wheres: Sequence[str]) -> dict[tuple, list[float]]:
+    """The log prior of each query's choices, looked up in `priors` (`estimate_choice_prior`'s entries) by the
+    choices themselves; a query whose choices have none raises `ValueError` naming it (`wheres`, one per query)."""
+    by_choices = {tuple(entry["choices"]): entry["log_prior"] for entry in priors}
+    for choices, where in zip(choice_lists, wheres):
+        if tuple(choices) not in by_choices:
+            raise ValueError(f"{where}: no label prior for the choices {list(choices)}; priors cover "
+                             f"{[list(c) for c in by_choices]}")
+    return by_choices
+
+
 def calibrated_scores(scores: Sequence[float], log_prior: Sequence[float]) -> list[float]:
     """Contextual calibration of one query's choice scores: its distribution over the choices (`scores`, summed
     log-probabilities `[num_choices]`, renormalised) divided by the context's label prior (`log_prior`, the same
@@ -2186,21 +2198,17 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         (`calibrated_scores`). A list of priors (`estimate_choice_prior`) calibrates with those instead, e.g. for
         zero-shot answering or a memory built elsewhere. A query whose choices have no prior raises `ValueError`.
         """
-        if processor is None:
-            raise ValueError("score_choices needs the processor")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        memory = self._resolve_memory(memory)
-        if memory is not None:
-            check_rendering(memory.stats, processor.rendering())
+        memory = self._memory_for(memory, processor, "score_choices")
         examples = load_examples(queries, require_answer=False)
         for query in examples:
             if not query.choices:
                 raise ValueError(f"{query.where}: score_choices needs 'choices' on every query")
         priors = None
-        if calibrate is not False:
-            priors = self._calibration_priors(memory, calibrate, [query.choices for query in examples],
-                                              [query.where for query in examples])
+        if calibrate is not False:  # looked up before any work, so that a missing prior fails at once
+            priors = choice_priors(self._calibration_priors(memory, calibrate), [query.choices for query in examples],
+                                   [query.where for query in examples])
         history_examples = load_examples(history) if history is not None else None
         results = self._score_examples(examples, memory, processor, history_examples, select, batch_size, retrieve)
         if priors is not None:
@@ -2238,13 +2246,9 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         Returns one entry per distinct `choices` list: `{"choices": [...], "log_prior": [...], "rows": n}`, the form
         `score_choices(calibrate=...)` and `memory.stats["calibration"]["priors"]` take.
         """
-        if processor is None:
-            raise ValueError("estimate_choice_prior needs the processor")
         if not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        memory = self._resolve_memory(memory)
-        if memory is not None:
-            check_rendering(memory.stats, processor.rendering())
+        memory = self._memory_for(memory, processor, "estimate_choice_prior")
         examples = load_examples(demos, require_answer=False, decode=False)
         groups: dict[tuple, list[Example]] = {}
         for example in examples:
@@ -2260,12 +2264,21 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                            "rows": len(asked)})
         return priors
 
-    def _calibration_priors(self, memory: TaskMemory | str | None, calibrate: bool | list[dict],
-                            choice_lists: list[list[str]], wheres: list[str]) -> dict[tuple, list[float]]:
-        """The log prior per choice set for `score_choices(calibrate=...)`: given, or recorded in the memory."""
+    def _memory_for(self, memory: TaskMemory | str | None, processor: EmlocProcessor | None,
+                    caller: str) -> TaskMemory | None:
+        """The memory (a name: the loaded one; None: the active one, if any) that queries rendered by `processor` are
+        asked of; refuses a missing processor, or a memory rendered otherwise (`MemoryLoadError`)."""
+        if processor is None:
+            raise ValueError(f"{caller} needs the processor")
+        memory = self._resolve_memory(memory)
+        if memory is not None:
+            check_rendering(memory.stats, processor.rendering())
+        return memory
+
+    def _calibration_priors(self, memory: TaskMemory | None, calibrate: bool | list[dict]) -> list[dict]:
+        """The priors of `score_choices(calibrate=...)` (`memory` resolved): given, or recorded in the memory."""
         if calibrate is True:
-            resolved = self._resolve_memory(memory)
-            recorded = None if resolved is None else resolved.stats.get("calibration")
+            recorded = None if memory is None else memory.stats.get("calibration")
             if recorded is None:
                 raise ValueError("score_choices(calibrate=True): the memory records no label prior; build it with "
                                  "calibration_rows > 0 from demonstrations with 'choices', or pass "
@@ -2273,12 +2286,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
             calibrate = recorded["priors"]
         if not isinstance(calibrate, list):
             raise ValueError(f"calibrate must be False, True or a list of priors, got {type(calibrate).__name__}")
-        priors = {tuple(entry["choices"]): entry["log_prior"] for entry in calibrate}
-        for choices, where in zip(choice_lists, wheres):
-            if tuple(choices) not in priors:
-                raise ValueError(f"{where}: no label prior for the choices {choices}; priors cover "
-                                 f"{[list(c) for c in priors]}")
-        return priors
+        return calibrate
 
     def _score_continuations(self, memory: TaskMemory, batch: dict, choices: list[list[torch.Tensor]],
                              select: float | None, retrieve: int | None = None) -> list[list[float]]:

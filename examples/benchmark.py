@@ -818,7 +818,7 @@ sampler = threading.Thread(target=sample, daemon=True); sampler.start()
 spec = parse_methods(sys.argv[4])[0]  # a method name, or one with options: `default[reuse=floor]`
 method = {**({} if spec.name == "default" else {"method": spec.name}), **spec.params}
 started = time.perf_counter()
-memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), **method)
+memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), calibration_rows=0, **method)
 build = time.perf_counter() - started
 building[0] = False; sampler.join()
 latencies = []

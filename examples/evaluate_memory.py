@@ -317,7 +317,7 @@ def rices_scores(model, processor, demos, queries, k: int, state=None):
     for row, query in enumerate(queries):
         started_query = time.perf_counter()
         memory = model.build_memory([demos[i] for i in chosen[row].tolist()], processor=processor, method="full",
-                                    chunk_size=k)
+                                    chunk_size=k, calibration_rows=0)  # per query: no label prior to spend on
         scores.append(model.score_choices([query], memory=memory, processor=processor)[0])
         latencies.append(time.perf_counter() - started_query)
     return scores, latencies, time.perf_counter() - started
@@ -477,7 +477,7 @@ def evaluate(args) -> dict:
 
     from memory_emloc import TaskMemory
     from metrics import load_metric
-    from modeling_emloc import calibrated_scores
+    from modeling_emloc import calibrated_scores, choice_priors
     from processing_emloc import load_examples
 
     # without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join as CPU processes (gloo)
@@ -529,14 +529,12 @@ def evaluate(args) -> dict:
         scores, latencies = score()
         return scores, latencies, None
 
-    def calibrate(spec, memory, scores) -> tuple[list, dict]:
-        """`X+calibrate`: the scores with the label prior of X's context divided out; the prior is the memory's
-        recorded one when it was estimated from as many rows, else estimated here."""
-        recorded_prior = (memory.stats.get("calibration") or {}) if memory is not None else {}
-        priors = recorded_prior.get("priors") if recorded_prior.get("rows") == args.calibration_rows else None
-        if priors is None:
-            priors = model.estimate_choice_prior(demos, memory, processor, rows=args.calibration_rows)
-        by_choices = {tuple(entry["choices"]): entry["log_prior"] for entry in priors}
+    def calibrate(memory, scores) -> tuple[list, dict]:
+        """`X+calibrate`: the scores with the label prior of X's context (None: zero-shot) divided out. The run's
+        memories are built without a prior (`calibration_rows=0`): only the calibrated methods estimate one."""
+        priors = model.estimate_choice_prior(demos, memory, processor, rows=args.calibration_rows)
+        by_choices = choice_priors(priors, [q["choices"] for q in queries], [f"{args.queries}: query {i + 1}"
+                                                                            for i in range(len(queries))])
         calibrated = [calibrated_scores(row, by_choices[tuple(q["choices"])]) for row, q in zip(scores, queries)]
         return calibrated, {"rows": args.calibration_rows, "priors": priors}
 
@@ -567,13 +565,13 @@ def evaluate(args) -> dict:
 
     def own_build(spec):
         """The builder call of a memory spec: `full`, `random`, `emloc`, `default` or a registered method's name."""
-        params = dict(spec.params)
+        params = {"calibration_rows": 0, **spec.params}  # a calibrated method estimates its prior (`calibrate`)
         if spec.name == "full":
             return lambda: model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos), **params)
         if spec.name == "random":
             kept = kept_share(spec)
             return lambda: model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2, **params)
-        params = method_arguments(spec, emloc_args)
+        params = {"calibration_rows": 0, **method_arguments(spec, emloc_args)}
         return lambda: model.build_memory(demos, processor=processor, progress=state.is_main_process, **params)
 
     for spec in order_specs(specs):  # full first: every other method is compared with it
@@ -618,8 +616,8 @@ def evaluate(args) -> dict:
                 if share is None:
                     raise ValueError(f"{spec.label}: few-shot prompting needs a kept share, e.g. shots@0.2 or shots@default")
                 count, share = leading_shots(processor, demos, share)
-                memory = shared_memory(spec.uncalibrated, lambda: model.build_memory(demos[:count], processor=processor,
-                                                                                     method="full", chunk_size=count))
+                memory = shared_memory(spec.uncalibrated, lambda: model.build_memory(
+                    demos[:count], processor=processor, method="full", chunk_size=count, calibration_rows=0))
                 scores, latencies, scores_from = raw_scores(
                     spec, memory, lambda: score_queries(model, processor, queries, memory, state=state))
                 record.update(memory_record(memory))
@@ -635,7 +633,7 @@ def evaluate(args) -> dict:
             if scores_from is not None:
                 record["scores_from"] = scores_from
             if spec.calibrate:
-                scores, record["calibration"] = calibrate(spec, memory, scores)
+                scores, record["calibration"] = calibrate(memory, scores)
             plain_full = spec.name == "full" and spec.select is None and spec.retrieve is None and not spec.params
             reference = full_scores
             if plain_full and not spec.calibrate:
