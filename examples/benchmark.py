@@ -162,7 +162,7 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
     needed, shares = [label for label in ("zero-shot", "full") if label not in missing], {}
     for label in missing:
         spec = evaluate_memory.parse_methods(label)[0]
-        base = spec.uncalibrated.split("+select")[0].split("+retrieve")[0]
+        base = spec.memory_label
         share = results["methods"].get(spec.reference, {}).get("kept_ratio") if spec.reference else None
         if share is not None:  # `X@LABEL` needs only LABEL's share, on record: no rebuild
             shares[spec.reference] = share

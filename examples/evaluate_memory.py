@@ -96,6 +96,12 @@ class MethodSpec:
         return self.text[:-len(CALIBRATE)] if self.calibrate else self.text
 
     @property
+    def memory_label(self) -> str:
+        """The label of the memory this spec reads: without `+calibrate`, `+select` or `+retrieve`, which change how a
+        memory is asked, not the memory."""
+        return self.uncalibrated.split("+select")[0].split("+retrieve")[0]
+
+    @property
     def label(self) -> str:
         return self.text
 
@@ -594,7 +600,7 @@ def evaluate(args) -> dict:
                             return build_kvpress_memories(model, processor, demos, [(spec.name, kept)], Path(work), base_dir)[(spec.name, kept)]
                 else:
                     build = own_build(spec)
-                base_label = spec.uncalibrated.split("+select")[0].split("+retrieve")[0]
+                base_label = spec.memory_label
                 memory = memories.get(base_label) or shared_memory(base_label, build)
                 memories.setdefault(base_label, memory)
                 if spec.retrieve is not None and memory.retrieval is None:  # a press's memory: index it here
