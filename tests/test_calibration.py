@@ -103,6 +103,23 @@ def test_build_records_the_prior_and_score_choices_divides_it_out(tiny, tmp_path
         assert row == pytest.approx(calibrated_scores(raw_row, zero_shot[tuple(query["choices"])]), abs=1e-12)
 
 
+def test_an_appended_memory_records_the_prior_of_the_grown_memory(tiny):
+    model, processor, _ = tiny("llama")
+    demos = _demos("llama", 12)
+    first = model.build_memory(demos[:6], processor=processor, method="emloc", chunk_size=3, calibration_rows=4)
+    grown = model.build_memory(demos[6:], processor=processor, method="emloc", chunk_size=3, append_to=first,
+                               calibration_rows=4)
+    # estimated anew, from the demonstrations given, against the memory they grew: not the prior of `first`
+    assert grown.stats["calibration"]["priors"] == model.estimate_choice_prior(demos[6:], grown, processor, rows=4)
+    assert grown.stats["calibration"]["priors"] != first.stats["calibration"]["priors"]
+    # with no rows, the grown memory records no prior rather than the one `first` recorded for less context
+    bare = model.build_memory(demos[6:], processor=processor, method="emloc", chunk_size=3, append_to=first,
+                              calibration_rows=0)
+    assert "calibration" not in bare.stats and "calibration" in first.stats
+    with pytest.raises(ValueError, match="records no label prior"):
+        model.score_choices(queries_for("llama", 1), memory=bare, processor=processor, calibrate=True)
+
+
 def test_calibration_refuses_what_it_cannot_do(tiny):
     model, processor, _ = tiny("llama")
     demos = _demos("llama", 6)
