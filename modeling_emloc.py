@@ -763,7 +763,9 @@ class Probe:
     (per layer `[kv_heads, chunk_length]`) ranks the chunk's tokens by another probe's attention; this probe's pass
     then captures none. `row_groups` (one int per row) judges groups of rows apart: the divergence of a variant is then
     the largest of the groups' mean JS, so that one group's rows cannot make up for another's; `rank_group` lets only
-    that group's scored positions rank the chunk's tokens (None: every scored position). `reference` (a memory and the
+    that group's scored positions rank the chunk's tokens (None: every scored position); `rank_tokens="rows"` ranks them
+    by every token of the rows (of that group's rows with `rank_group`), not only the scored positions, as SnapKV ranks
+    a context by the attention of its last window. `reference` (a memory and the
     chunk prefilled on it, e.g. the uncompressed context so far) gives the distributions every variant is compared
     with, from one more pass of the rows; None compares with `memory ⊕ chunk` unpruned (the paper).
     """
@@ -772,7 +774,10 @@ class Probe:
                  positions: str = "answer", choice_ids: torch.Tensor | None = None, rerun: str = "rows",
                  start_position: int | None = None, window_position: int | None = None,
                  importance: list[torch.Tensor] | None = None, row_groups: list[int] | None = None,
-                 rank_group: int | None = None, reference: tuple[TaskMemory, ChunkState] | None = None):
+                 rank_group: int | None = None, reference: tuple[TaskMemory, ChunkState] | None = None,
+                 rank_tokens: str = "scored"):
+        if rank_tokens not in ("scored", "rows"):
+            raise ValueError(f"rank_tokens must be 'scored' or 'rows', got {rank_tokens!r}")
         self.builder, self.memory, self.chunk, self.rerun = builder, memory, chunk, rerun
         family = builder.family
         batch, self.predicting = answer_rows(builder.processor, rows, positions)
@@ -798,7 +803,14 @@ class Probe:
         # buffers: the memory is never copied for the probe
         self.scratch = memory.scratch(chunk.length + fed)
         ranking = self.predicting
-        if rank_group is not None:
+        if rank_tokens == "rows":
+            # every token of the rows: a row's question attends to the demonstrations that resemble it, where its
+            # answer-predicting position mostly reads the earlier answers
+            ranking = torch.ones_like(self.predicting)
+            if rank_group is not None:
+                row_of_token = self.segment.segments[0]
+                ranking = (torch.tensor(row_groups, device=row_of_token.device)[row_of_token] == rank_group)[None]
+        elif rank_group is not None:
             ranking = self.predicting.clone()
             ranking[self.predicting] = self.scored_groups == rank_group
         observer = None if importance is not None else \
@@ -1149,7 +1161,10 @@ class EmlocMethod(CompressionMethod):
             `probe="self"`). Rows that follow the chunk attend to what helps them answer, mostly the earlier answers;
             a demonstration's own answer attends to the tokens that decide it. `"future"` (with `probe="self+future"`
             only): the future rows' attention ranks the tokens, as under `probe="future"`, and the chunk's own rows
-            only judge the bound beside them.
+            only judge the bound beside them. `"rows"`: the attention of every token of the probe rows, their questions
+            included, not only of the scored positions (SnapKV's observation window, here the rows after the chunk):
+            a row's question attends to the demonstrations that resemble it, its answer position mostly to the
+            earlier answers.
         recent: the chunks holding the last `recent` demonstrations of this build are kept whole, without a probe
             (0: none, the paper). Those chunks sit right before the queries; on Gemma's breast_cancer a memory whose
             last chunks were compressed answered one class to almost every query, each of those chunks having met
@@ -1219,7 +1234,7 @@ class EmlocMethod(CompressionMethod):
         choices = {"probe": ("self", "heldout", "future", "self+future"), "protect": ("count", "extra"),
                    "positions": ("answer", "first"), "over": ("vocab", "choices"), "search": ("grid", "bisect"),
                    "reuse": ("none", "verify", "floor"), "rerun": ("rows", "scored"), "probe_at": ("chunk", "end"), "sliding": ("probe", "query"),
-                   "importance": ("probe", "chunk", "future"), "reference": ("memory", "full")}
+                   "importance": ("probe", "chunk", "future", "rows"), "reference": ("memory", "full")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {getattr(self, option)!r}")
@@ -1348,7 +1363,8 @@ class EmlocMethod(CompressionMethod):
                       start_position=query_position if self.probe_at == "end" else None,
                       window_position=query_position if self.sliding == "query" else None, importance=own_importance,
                       rank_group=1 if self.importance == "future" else None,
-                      reference=builder.reference if self.reference == "full" else None)
+                      reference=builder.reference if self.reference == "full" else None,
+                      rank_tokens="rows" if self.importance == "rows" else "scored")
         answers = chunk.token_types == ANSWER
         budget_left = None if self.budget is None else self.budget * num_layers
         kept: dict[int, torch.Tensor | None] = {}

@@ -132,6 +132,33 @@ def test_one_group_of_rows_can_rank_the_chunk_alone(tiny):
     assert EmlocMethod(probe="self+future", importance="future").params()["importance"] == "future"
 
 
+def test_every_token_of_the_rows_can_rank_the_chunk(tiny):
+    """`rank_tokens="rows"` (`importance="rows"`): the chunk's tokens are ranked by the attention of every token of the
+    rows, a sum over more positions than the scored ones; each row is its own segment, so a group's rows rank as they
+    would probing alone; the divergence is judged as before."""
+    from modeling_emloc import Probe
+
+    model, processor, _ = tiny("llama")
+    builder, memory, chunk, rows = _first_chunk_and_probe_rows(model, processor, "llama", 5)
+    with torch.no_grad():
+        scored = Probe(builder, memory, chunk, rows, positions="first")
+        every_token = Probe(builder, memory, chunk, rows, positions="first", rank_tokens="rows")
+    for layer in range(len(scored.importance)):
+        # non-negative probabilities summed over a superset of positions, then the same (linear) smoothing
+        assert bool((every_token.importance[layer] >= scored.importance[layer] - 1e-6).all())
+        assert float(every_token.importance[layer].sum()) > float(scored.importance[layer].sum()) + 1e-3
+    torch.testing.assert_close(every_token.reference, scored.reference)
+    grouped = Probe(builder, memory, chunk, rows, positions="first", row_groups=[0, 1, 1], rank_group=1,
+                    rank_tokens="rows")
+    alone = Probe(builder, memory, chunk, rows[1:], positions="first", rank_tokens="rows")
+    for layer in range(len(grouped.importance)):
+        torch.testing.assert_close(grouped.importance[layer], alone.importance[layer], rtol=1e-4, atol=1e-6)
+    built = _build(model, processor, "llama", 6, method="emloc-query", importance="rows")
+    assert built.stats["method"]["params"]["importance"] == "rows"
+    answers_only = _build(model, processor, "llama", 6, method="emloc-query")
+    assert any(not torch.equal(a.positions, b.positions) for a, b in zip(built.layers, answers_only.layers))
+
+
 def test_a_self_and_future_build_records_the_option_and_judges_both_sets_of_rows(tiny, monkeypatch):
     import modeling_emloc
 
