@@ -788,11 +788,13 @@ class Probe:
         # the rows packed into one, each its own segment: every row reads the same memory, with no per-row copy of it
         self.segment, self.predicting = pack_rows(builder.model._segment(batch, start_position=start_position),
                                                   self.predicting.to(builder.model.model.device))
-        # the group of each scored position, in the order of `hidden[self.predicting]` (a packed row's segment is its row)
-        self.scored_groups, self.group_masks = None, []
+        # the group of each packed token (a packed row's segment is its row), and of each scored position in the order
+        # of `hidden[self.predicting]`
+        token_groups, self.scored_groups, self.group_masks = None, None, []
         if row_groups is not None:
-            rows_of_scored = self.segment.segments[0][self.predicting[0]]
-            self.scored_groups = torch.tensor(row_groups, device=rows_of_scored.device)[rows_of_scored]
+            rows_of_tokens = self.segment.segments[0]
+            token_groups = torch.tensor(row_groups, device=rows_of_tokens.device)[rows_of_tokens]
+            self.scored_groups = token_groups[self.predicting[0]]
             self.group_masks = [self.scored_groups == group for group in self.scored_groups.unique()]
         # `sliding="query"`: in sliding-window layers the rows see the prefix as a query at `window_position` would
         self.window_shift = 0 if window_position is None else max(0, window_position - start_position)
@@ -802,17 +804,12 @@ class Probe:
         # every pass writes what it keeps of the chunk, then the tokens it feeds, after the memory in its own growth
         # buffers: the memory is never copied for the probe
         self.scratch = memory.scratch(chunk.length + fed)
-        ranking = self.predicting
-        if rank_tokens == "rows":
-            # every token of the rows: a row's question attends to the demonstrations that resemble it, where its
-            # answer-predicting position mostly reads the earlier answers
-            ranking = torch.ones_like(self.predicting)
-            if rank_group is not None:
-                row_of_token = self.segment.segments[0]
-                ranking = (torch.tensor(row_groups, device=row_of_token.device)[row_of_token] == rank_group)[None]
-        elif rank_group is not None:
-            ranking = self.predicting.clone()
-            ranking[self.predicting] = self.scored_groups == rank_group
+        # the positions whose attention ranks the chunk: the scored ones, or every token of the rows (a row's question
+        # attends to the demonstrations that resemble it, its answer-predicting position mostly to the earlier answers);
+        # with `rank_group`, those of that group's rows only
+        ranking = torch.ones_like(self.predicting) if rank_tokens == "rows" else self.predicting
+        if rank_group is not None:
+            ranking = ranking & (token_groups == rank_group)[None]
         observer = None if importance is not None else \
             AttentionObserver(ranking, slice(None), family.num_heads // family.num_kv_heads)
         cache = self._cache({layer: None for layer in range(family.num_layers)}, start_layer=0)
