@@ -44,7 +44,7 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
           checkpoint_dir: str | None = None, device: str | None = None, **params) -> Path:
     """Compress demonstrations into a task memory and save it (`model.build_memory` + `memory.save_pretrained`).
 
-    Method parameters follow as `--name value`, e.g. `--delta 0.01 --ratios 0.1,0.2,0.5 --probe heldout`
+    Method parameters follow as `--name value`, e.g. `--delta 0.01 --ratios 0.1,0.2,0.5 --budget 0.2`
     (a comma makes a tuple).
 
     Args:
@@ -65,7 +65,12 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
 
     load_examples(demos)  # a bad line fails here, before minutes of model loading
     emloc_model, processor = _load_model(model, device=device, template=template, instruction=instruction)
-    methods = sys.modules[type(emloc_model).__module__].COMPRESSION_METHODS
+    library = sys.modules[type(emloc_model).__module__]
+    methods = library.COMPRESSION_METHODS
+    try:
+        library.check_not_retired(params)
+    except ValueError as error:
+        raise UsageError(f"--{next(iter(params)).replace('_', '-')}: {error}") from None
     name = method or getattr(emloc_model.config, "method", None) or "emloc"
     if name not in methods:
         raise UsageError(f"--method {name}: unknown; available: {', '.join(sorted(methods))}")

@@ -11,7 +11,6 @@ resumed after a crash (`BuildCheckpoint`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -511,166 +510,6 @@ class TaskMemory:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A build that can be stopped and resumed
-# ---------------------------------------------------------------------------------------------------------------------
-
-CHECKPOINT_STATE_NAME = "build_state.json"
-CHECKPOINT_VERSION = 1
-_CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors")
-_STAGING_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A `checkpoint_dir` cannot be resumed: it holds a build with other arguments, or is not a build checkpoint."""
-
-
-class BuildCheckpoint:
-    """The state of a memory build on disk, chunk by chunk, so that a build stopped at any moment resumes there.
-
-    The directory holds one `chunk-{k:05d}.safetensors` per completed chunk — per layer the kept tokens
-    (`layers.{l}.keys`, `.values`, `.positions`, `.token_types`, as `MemoryLayer` holds them) and the chunk's token types
-    before pruning (`full_token_types`, `[chunk_len]`) — and `build_state.json`: the build's arguments and, per completed
-    chunk, its `next_position` and statistics. Every file is written under a temporary name, synced and renamed, the
-    state last, so a crash at any moment leaves the last complete state whole (a chunk file beyond it is recomputed).
-    Only the new chunk is written each time: rewriting the whole partial memory after every chunk would make a build's
-    disk traffic grow with the square of its length.
-
-    Args:
-        directory: where the state lives; created with the first chunk.
-        arguments: everything that decides the memory's bytes, as JSON. A state recorded under other arguments is
-            refused with the differences named; the user deletes the directory to start over.
-    """
-
-    def __init__(self, directory: str | os.PathLike, arguments: dict):
-        self.directory = Path(directory)
-        self.arguments = json.loads(json.dumps(arguments))  # as it reads back (tuples become lists)
-        self.chunks: list[dict] = []  # per completed chunk: {"next_position": int, "stats": dict}
-        self.seconds = 0.0  # build time spent in the runs that wrote the completed chunks
-
-    def resume(self) -> int:
-        """Reads the recorded state, if any, and returns how many chunks it completed (0 for a new directory).
-
-        Raises `CheckpointError` when the directory holds anything but a build state, a state of another build (naming
-        each argument that differs) or an unreadable one. Leftovers of an interrupted write are removed.
-        """
-        if not self.directory.exists():
-            return 0
-        if not self.directory.is_dir():
-            raise CheckpointError(f"{self.directory}: checkpoint_dir is not a directory")
-        foreign = sorted(p.name for p in self.directory.iterdir() if not self._is_ours(p.name))
-        if foreign:
-            raise CheckpointError(
-                f"{self.directory}: not a build checkpoint (it holds {foreign[0]!r}); give a new or empty directory"
-            )
-        state_path = self.directory / CHECKPOINT_STATE_NAME
-        done = 0
-        if state_path.is_file():
-            try:
-                state = json.loads(state_path.read_text())
-                version, recorded, chunks = state["version"], state["arguments"], state["chunks"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-                raise CheckpointError(f"{state_path}: unreadable build state ({error}); delete the directory to start over") from None
-            if version != CHECKPOINT_VERSION:
-                raise CheckpointError(f"{state_path}: unknown build state version {version!r} (this code writes {CHECKPOINT_VERSION})")
-            differing = _differences(recorded, self.arguments)
-            if differing:
-                raise CheckpointError(
-                    f"{self.directory}: holds a build with other arguments ({'; '.join(differing)}); resume with the same "
-                    f"arguments, or delete the directory (or give another checkpoint_dir) to start over"
-                )
-            missing = [k for k in range(len(chunks)) if not self._chunk_path(k).is_file()]
-            if missing:
-                raise CheckpointError(f"{self.directory}: {self._chunk_path(missing[0]).name} is missing; delete the directory to start over")
-            self.chunks, self.seconds, done = chunks, float(state.get("seconds", 0.0)), len(chunks)
-        for path in self.directory.iterdir():  # an interrupted write, or chunks the state never recorded
-            match = _CHUNK_FILE.fullmatch(path.name)
-            if path.name.startswith(_STAGING_PREFIX) or (match and int(match.group(1)) >= done):
-                path.unlink()
-        return done
-
-    def load_chunk(self, number: int) -> tuple[list[MemoryLayer], torch.Tensor]:
-        """Completed chunk `number`: per layer its kept tokens, and its token types before pruning `[chunk_len]`."""
-        from safetensors import safe_open
-
-        path = self._chunk_path(number)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:  # safetensors raises its own error type for truncated headers and data
-            raise CheckpointError(f"{path}: unreadable chunk ({error}); delete the directory to start over") from None
-        names = [field.name for field in dataclasses.fields(MemoryLayer)]
-        layers = []
-        while f"layers.{len(layers)}.keys" in tensors:
-            index = len(layers)
-            missing = [name for name in names if f"layers.{index}.{name}" not in tensors]
-            if missing:
-                raise CheckpointError(f"{path}: unreadable chunk (no tensor layers.{index}.{missing[0]}); delete the directory to start over")
-            layers.append(MemoryLayer(**{name: tensors[f"layers.{index}.{name}"] for name in names}))
-        if not layers or "full_token_types" not in tensors:
-            raise CheckpointError(f"{path}: unreadable chunk (no layers or token types); delete the directory to start over")
-        return layers, tensors["full_token_types"]
-
-    def add_chunk(self, layers: list[MemoryLayer], full_token_types: torch.Tensor, next_position: int, stats: dict,
-                  seconds: float) -> None:
-        """Records the next chunk: its kept tokens per layer, its token types before pruning `[chunk_len]`, the memory's
-        `next_position` after it, its statistics, and the build time spent so far (all runs)."""
-        from safetensors.torch import save_file
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"layers.{index}.{name}": tensor.contiguous()
-            for index, layer in enumerate(layers) for name, tensor in layer.tensors().items()
-        }
-        tensors["full_token_types"] = full_token_types.contiguous()
-        _write_atomically(self._chunk_path(len(self.chunks)), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        self.chunks.append({"next_position": int(next_position), "stats": stats})
-        self.seconds = float(seconds)
-        state = {"version": CHECKPOINT_VERSION, "arguments": self.arguments, "seconds": round(self.seconds, 3),
-                 "chunks": self.chunks}
-        _write_atomically(self.directory / CHECKPOINT_STATE_NAME,
-                          lambda path: Path(path).write_text(json.dumps(state, indent=1) + "\n"))
-
-    def _chunk_path(self, number: int) -> Path:
-        return self.directory / f"chunk-{number:05d}.safetensors"
-
-    @staticmethod
-    def _is_ours(name: str) -> bool:
-        return name == CHECKPOINT_STATE_NAME or name.startswith(_STAGING_PREFIX) or _CHUNK_FILE.fullmatch(name) is not None
-
-
-def _differences(recorded: Any, current: Any, where: str = "") -> list[str]:
-    """`"key: recorded then, current now"` for every (dotted) key whose value differs."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        found = []
-        for key in sorted(set(recorded) | set(current), key=str):
-            found += _differences(recorded.get(key), current.get(key), f"{where}.{key}" if where else str(key))
-        return found
-    return [] if recorded == current else [f"{where or 'arguments'}: {recorded!r} then, {current!r} now"]
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Calls `write(path)` on a temporary sibling of `target`, syncs it and renames it to `target`: readers see the old
-    file or the new one, never a part (nor, after a power loss, an empty file under the new name)."""
-    handle, staging = tempfile.mkstemp(prefix=_STAGING_PREFIX, dir=target.parent)
-    os.close(handle)
-    try:
-        write(staging)
-        with open(staging, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(staging, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself lasts once the directory is synced (POSIX)
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Fingerprint of a base model, and the memory card
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -863,5 +702,5 @@ that renders otherwise.
 """
 
 
-__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "BuildCheckpoint", "CheckpointError", "base_model_fingerprint",
+__all__ = ["TaskMemory", "MemoryLayer", "MemoryLoadError", "base_model_fingerprint",
            "check_rendering", "hub_name", "memory_card", "push_memory_to_hub"]

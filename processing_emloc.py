@@ -2,28 +2,16 @@
 """
 Emloc processor: demonstrations and queries (design §6) → model inputs with chunk and answer spans.
 
-A demonstration is a user turn (text, images, video frames) and the assistant's answer. The processor renders a list
-of them with the base model's own chat template (or the `plain` few-shot rendering for small text models) and splits
-the rendering into a template prefix, one span per demonstration (with its answer span) and, for queries, the final
-user turn plus the generation prompt.
-
-Render first, tokenise once: the rendering is one text annotated per character (token type, and which piece owns it:
-the template prefix, demonstration `i`, the query), found from the template itself — the rendering of the first `k`
-turns is a prefix of the rendering of `k+1` turns, and the generation prompt is what the template adds before an
-assistant reply — never from hard-coded token ids or character counts. The whole text is then tokenised in one call
-and every span is read off the tokenizer's character offsets, so the memory holds exactly the tokens the model would
-see in the whole conversation (Gemma 3 reads "\n\n" as one token, not two). A token that straddles two pieces
-belongs to the piece of its first character.
-
-Rendering and tokenising need only the demonstrations' text, so a builder streams: `stream_context` checks every
-demonstration and tokenises the whole text up front, and decodes a demonstration's images and video frames only when
-its span is read.
+`EmlocProcessor` wraps the base model's processor (vision-language models) or tokenizer (text models). It parses
+demonstrations (`demonstrations_emloc`), renders and tokenises them as one text (`rendering_emloc.Renderer`), and cuts
+the tokens into a template prefix, one span per demonstration (with its answer span) and, for queries, the final user
+turn plus the generation prompt; each image or video placeholder is expanded into its visual tokens by the base
+processor. A builder streams: `stream_context` checks every demonstration and tokenises the whole text up front, and
+decodes a demonstration's images and video frames only when its span is read.
 """
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,247 +25,18 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+try:  # loaded as remote code: transformers makes a package of the repository's modules
+    from .demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples
+    from .rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION,
+                                  RenderedText, Renderer, Token, TokenizationError)
+except ImportError:  # imported from the repository root as flat modules
+    from demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples
+    from rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION,
+                                 RenderedText, Renderer, Token, TokenizationError)
 
-# Token types, recorded per token so that memory statistics can say what was kept (paper, Fig. 5).
-TEMPLATE, TEXT, IMAGE, ANSWER = 0, 1, 2, 3
-TOKEN_TYPE_NAMES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer"}
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 EMLOC_KEY = "emloc"  # our settings live under this key of processor_config.json
-TEMPLATES = ("chat", "plain")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Examples: parsing demonstrations and queries
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One demonstration or query, normalised.
-
-    `content` is the user turn as a list of parts `{"type": "text", "text": str}`, `{"type": "image", "image":
-    PIL.Image}` or `{"type": "video", "video": list[PIL.Image]}`; `where` names its origin (`file.jsonl:7`).
-    """
-
-    content: list[dict]
-    answer: str | None = None
-    choices: list[str] | None = None
-    id: str | None = None
-    where: str = "<input>"
-
-    @property
-    def text(self) -> str:
-        return "\n".join(part["text"] for part in self.content if part["type"] == "text")
-
-    @property
-    def has_media(self) -> bool:
-        return any(part["type"] != "text" for part in self.content)
-
-
-class ExampleError(ValueError):
-    """A demonstration or query the user gave is malformed; the message starts with `file:line:`."""
-
-
-def _open_image(path_or_image: Any, base_dir: Path, where: str, decode: bool = True):
-    """A PIL image in RGB; with `decode=False`, only checked: the file's path (or the PIL image given)."""
-    from PIL import Image
-
-    if isinstance(path_or_image, Image.Image):
-        return path_or_image.convert("RGB") if decode else path_or_image
-    if not isinstance(path_or_image, (str, os.PathLike)):
-        raise ExampleError(f"{where}: an image must be a file path or a PIL image, got {type(path_or_image).__name__}")
-    path = Path(path_or_image)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.is_file():
-        raise ExampleError(f"{where}: image file not found: {path}")
-    if not decode:
-        return path
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as error:  # PIL raises several types for undecodable files
-        raise ExampleError(f"{where}: cannot decode image {path}: {error}") from None
-
-
-def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> list | Path:
-    """The frames of a video (a list of frames, a directory of frame images or a video file) as PIL images; with
-    `decode=False`, only checked: the frames' paths (or PIL images), or the video file's path."""
-    if isinstance(video, (list, tuple)):
-        if not video:
-            raise ExampleError(f"{where}: a video needs at least one frame")
-        return [_open_image(frame, base_dir, where, decode) for frame in video]
-    path = Path(video)
-    path = path if path.is_absolute() else base_dir / path
-    if path.is_dir():
-        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-        if not frames:
-            raise ExampleError(f"{where}: video directory has no frames: {path}")
-        return [_open_image(frame, base_dir, where, decode) for frame in frames]
-    if not path.is_file():
-        raise ExampleError(f"{where}: video file not found: {path}")
-    if not decode:
-        return path
-    try:
-        from transformers.video_utils import load_video
-
-        frames, _ = load_video(str(path))
-    except Exception as error:
-        raise ExampleError(f"{where}: cannot decode video {path} ({error}); pass its frames as a list instead") from None
-    from PIL import Image
-
-    return [Image.fromarray(frame) for frame in frames]
-
-
-def _parse_content(raw: Any, base_dir: Path, where: str, decode: bool = True) -> list[dict]:
-    if isinstance(raw, str):
-        return [{"type": "text", "text": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise ExampleError(f"{where}: message content must be a string or a non-empty list of parts")
-    parts = []
-    for part in raw:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise ExampleError(f"{where}: a text part needs a string 'text'")
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image":
-            image = part.get("image", part.get("url", part.get("path")))
-            if image is None:
-                raise ExampleError(f"{where}: an image part needs 'image'")
-            parts.append({"type": "image", "image": _open_image(image, base_dir, where, decode)})
-        elif kind == "video":
-            video = part.get("video", part.get("frames", part.get("path")))
-            if video is None:
-                raise ExampleError(f"{where}: a video part needs 'video' (a file or a list of frames)")
-            parts.append({"type": "video", "video": _open_video(video, base_dir, where, decode)})
-        else:
-            raise ExampleError(f"{where}: unknown content type {kind!r} (expected 'text', 'image' or 'video')")
-    return parts
-
-
-def parse_example(record: Any, base_dir: Path, where: str, require_answer: bool, decode: bool = True) -> Example:
-    """Parses one record in the messages format or the shorthand of design §6.
-
-    With `decode=False` images and videos are only checked (the file exists), not decoded: each image part holds the
-    file's path (or the PIL image given) and each video part its frames' paths or the video file's path, until
-    `decode_media` decodes them.
-    """
-    if not isinstance(record, dict):
-        raise ExampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ExampleError(f"{where}: 'messages' must be a non-empty list")
-        user_turns = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        if len(user_turns) != 1 or len(messages) != 1:
-            raise ExampleError(f"{where}: 'messages' must hold exactly one user message (the answer goes in 'answer')")
-        content = _parse_content(user_turns[0].get("content"), base_dir, where, decode)
-    else:
-        content = []
-        if "image" in record:
-            content.append({"type": "image", "image": _open_image(record["image"], base_dir, where, decode)})
-        for image in record.get("images", []):
-            content.append({"type": "image", "image": _open_image(image, base_dir, where, decode)})
-        if "video" in record or "frames" in record:
-            video = record.get("video", record.get("frames"))
-            content.append({"type": "video", "video": _open_video(video, base_dir, where, decode)})
-        question = record.get("question")
-        if question is not None and not isinstance(question, str):
-            raise ExampleError(f"{where}: 'question' must be a string")
-        if question:
-            content.append({"type": "text", "text": question})
-        if not content:
-            raise ExampleError(f"{where}: needs 'messages' or 'question'/'image'/'images'/'video'/'frames'")
-    answer = record.get("answer")
-    if answer is None and require_answer:
-        raise ExampleError(f"{where}: a demonstration needs an 'answer'")
-    if answer is not None and not isinstance(answer, str):
-        raise ExampleError(f"{where}: 'answer' must be a string")
-    choices = record.get("choices")
-    if choices is not None and (not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices)):
-        raise ExampleError(f"{where}: 'choices' must be a non-empty list of strings")
-    return Example(content=content, answer=answer, choices=choices, id=record.get("id"), where=where)
-
-
-def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_answer: bool = True,
-                  decode: bool = True) -> list[Example]:
-    """Reads demonstrations or queries from a JSONL file or a list of dicts; bad input raises `ExampleError`.
-
-    Every line is checked before anything is returned, so a bad line never yields a partial list. With `decode=False`
-    images and videos are checked but left undecoded (`parse_example`; `decode_media` decodes an example).
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise ExampleError(f"{path}: file not found")
-        examples = []
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ExampleError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-                examples.append(parse_example(record, path.parent, where, require_answer, decode))
-        if not examples:
-            raise ExampleError(f"{path}: no examples in file")
-        return examples
-    examples = []
-    for index, record in enumerate(source):
-        if isinstance(record, Example):
-            if require_answer and record.answer is None:
-                raise ExampleError(f"{record.where}: a demonstration needs an 'answer'")
-            examples.append(record)
-        else:
-            examples.append(parse_example(record, Path.cwd(), f"<list>[{index}]", require_answer, decode))
-    if not examples:
-        raise ExampleError("<list>: no examples given")
-    return examples
-
-
-def decode_media(example: Example) -> Example:
-    """An example read with `decode=False`, its images and video frames decoded (as `decode=True` reads them)."""
-    if not example.has_media:
-        return example
-    content = []
-    for part in example.content:
-        if part["type"] == "image":
-            part = {"type": "image", "image": _open_image(part["image"], Path(), example.where)}
-        elif part["type"] == "video":
-            part = {"type": "video", "video": _open_video(part["video"], Path(), example.where)}
-        content.append(part)
-    return dataclasses.replace(example, content=content)
-
-
-def examples_sha256(examples: Sequence[Example]) -> str:
-    """SHA-256 of examples as they enter a memory: texts, answers, choices, ids and the bytes of every image and video
-    (the files' contents, not their paths), in order. Works on examples read with `decode=False` without decoding."""
-    from PIL import Image
-
-    def media(item) -> Any:
-        if isinstance(item, (list, tuple)):
-            return [media(frame) for frame in item]
-        digest = hashlib.sha256()
-        if isinstance(item, Image.Image):
-            digest.update(f"{item.mode}:{item.size}".encode())
-            digest.update(item.tobytes())
-        else:
-            with open(item, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
-
-    digest = hashlib.sha256()
-    for example in examples:
-        content = [part if part["type"] == "text" else {"type": part["type"], "sha256": media(part[part["type"]])}
-                   for part in example.content]
-        record = {"content": content, "answer": example.answer, "choices": example.choices, "id": example.id}
-        digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -395,70 +154,6 @@ def _empty_span() -> EncodedSpan:
 
 
 # a conversation that stands in for one not known yet (the template prefix is what precedes any first turn)
-_STAND_IN = Example(content=[{"type": "text", "text": "Hello."}], answer="Hi.", where="<template prefix>")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rendered text, annotated per character
-# ---------------------------------------------------------------------------------------------------------------------
-
-PREFIX_OWNER = -1  # owner of the template prefix; demonstration `i` owns its characters as `i`
-TOKENIZATION = "whole-text"  # recorded in memories: how rendered text became tokens (design §7)
-
-
-class TokenizationError(ValueError):
-    """The tokenizer merges text across a boundary the memory has to cut at (the end of the demonstrations)."""
-
-
-class RenderedText:
-    """A rendering with, for every character, the token type and the owner its tokens take.
-
-    The owner is `PREFIX_OWNER` for the template prefix, `i` for the i-th demonstration, and whatever number the caller
-    gives the query or a stand-in continuation. Annotations are stored as runs: run `k` covers the characters from
-    `starts[k]` to `starts[k + 1]`.
-    """
-
-    def __init__(self):
-        self._pieces: list[str] = []
-        self.length = 0
-        self.starts: list[int] = []
-        self.types: list[int] = []
-        self.owners: list[int] = []
-        # (character right after a chat answer, its owner): the first token from there on ends the turn and is marked
-        # as part of the answer (an end-of-turn token is what a chat rendering learns answers end with)
-        self.answer_ends: list[tuple[int, int]] = []
-
-    @property
-    def text(self) -> str:
-        return "".join(self._pieces)
-
-    def add(self, text: str, token_type: int, owner: int) -> None:
-        if not text:
-            return
-        self._pieces.append(text)
-        self.starts.append(self.length)
-        self.types.append(token_type)
-        self.owners.append(owner)
-        self.length += len(text)
-
-    def mark_answer_end(self, owner: int) -> None:
-        self.answer_ends.append((self.length, owner))
-
-    def at(self, char: int) -> tuple[int, int]:
-        """`(token_type, owner)` of a character."""
-        run = max(0, bisect.bisect_right(self.starts, char) - 1)
-        return self.types[run], self.owners[run]
-
-
-@dataclass
-class _Token:
-    id: int
-    start: int  # first character (see `EmlocProcessor._tokenize`)
-    end: int
-    token_type: int
-    owner: int
-
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The processor
@@ -488,6 +183,7 @@ class EmlocProcessor(ProcessorMixin):
         self.base_processor = base_processor
         self.template = template
         self.instruction = instruction
+        self.renderer = Renderer(base_processor, template, instruction)
         if self.is_multimodal and template == "plain":
             raise ValueError("template='plain' is for text models; a vision-language base needs template='chat'")
         if template == "chat" and self._chat_template() is None:
@@ -571,215 +267,32 @@ class EmlocProcessor(ProcessorMixin):
 
     # -- rendering ------------------------------------------------------------------------------------------------------
 
-    def _message(self, example: Example, role: str = "user") -> dict:
-        if self.is_multimodal:
-            content = [{"type": p["type"]} if p["type"] != "text" else dict(p) for p in example.content]
-            return {"role": role, "content": content}
-        if example.has_media:
-            raise ExampleError(f"{example.where}: images or video given, but the base model is text-only")
-        return {"role": role, "content": example.text}
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if not messages:
-            return ""
-        return self.base_processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
 
-    def _delta(self, history_text: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """What the template adds to `history_text` (the rendering of `messages[:-k]`) when the rest is rendered."""
-        text = self._render(messages, add_generation_prompt)
-        if not text.startswith(history_text):
-            raise ValueError(
-                "the chat template is not prefix-stable (rendering more turns changes earlier text); "
-                "Emloc cannot split it into chunks"
-            )
-        return text[len(history_text):]
 
-    def _render_context(self, examples: Sequence[Example]) -> tuple[RenderedText, int]:
-        """The whole demonstration context and where it ends, followed by a stand-in for what follows it in a real
-        conversation (the first demonstration asked again as the query), which the caller drops after tokenising:
-        the last tokens of a text can differ from the same text followed by more (byte-level BPE reads a final
-        "\n\n" as one token, and "\n\nword" as "\n", "\n", "word")."""
-        rendered = RenderedText()
-        follower = len(examples)
-        if self.template == "plain":
-            rendered.add(self._plain_prefix_text(), TEMPLATE, PREFIX_OWNER)
-            for index, example in enumerate(examples):
-                for text, token_type in self._plain_demo(example):
-                    rendered.add(text, token_type, index)
-            end = rendered.length
-            rendered.add(self._plain_user(examples[0]), TEXT, follower)
-            return rendered, end
-        messages: list[dict] = []
-        history = ""
-        for index, example in enumerate(examples):
-            messages.append(self._message(example))
-            user_text = self._delta(history, messages)
-            history += user_text
-            if index == 0:
-                prefix_text, user_text = self._split_template_prefix(user_text, example)
-                rendered.add(prefix_text, TEMPLATE, PREFIX_OWNER)
-            self._add_user_turn(rendered, user_text, example, index)
-            generation_prompt = self._delta(history, messages, add_generation_prompt=True)
-            messages.append({"role": "assistant", "content": example.answer})
-            assistant_text = self._delta(history, messages)
-            history += assistant_text
-            self._add_answer(rendered, assistant_text, generation_prompt, example, index)
-        end = rendered.length
-        messages.append(self._message(examples[0]))
-        rendered.add(self._delta(history, messages, add_generation_prompt=True), TEMPLATE, follower)
-        return rendered, end
 
-    def _split_template_prefix(self, first_turn: str, example: Example) -> tuple[str, str]:
-        """Separates what the template puts before the first user turn (system prompt, BOS): `(prefix, turn)`.
 
-        The same user turn rendered later in a conversation shows what the turn itself looks like; what the first
-        rendering has in front of it is the prefix. Templates that fold the system prompt into the first turn give no
-        such split: then the prefix is empty and the whole first turn belongs to the first demonstration.
-        """
-        stand_in = [self._message(example), {"role": "assistant", "content": example.answer}]
-        later_turn = self._delta(self._render(stand_in), stand_in + [self._message(example)])
-        if later_turn and first_turn.endswith(later_turn):
-            return first_turn[: -len(later_turn)], later_turn
-        return "", first_turn
 
-    def _add_user_turn(self, rendered: RenderedText, text: str, example: Example, owner: int) -> None:
-        """A rendered user turn: the user's text parts are TEXT, the template markup around them (and the image/video
-        placeholders, typed IMAGE once expanded) is TEMPLATE."""
-        rest = text
-        for part in example.content:
-            if part["type"] != "text" or not part["text"]:
-                continue
-            at = rest.find(part["text"])
-            if at < 0:  # the template rewrote the text (e.g. stripped it); its tokens count as template
-                continue
-            rendered.add(rest[:at], TEMPLATE, owner)
-            rendered.add(part["text"], TEXT, owner)
-            rest = rest[at + len(part["text"]):]
-        rendered.add(rest, TEMPLATE, owner)
 
-    def _add_answer(self, rendered: RenderedText, assistant_text: str, generation_prompt: str, example: Example,
-                    owner: int) -> None:
-        """`generation_prompt` (template) + the answer (+ the end-of-turn token: the first token after the answer)."""
-        if not assistant_text.startswith(generation_prompt):
-            raise ValueError("the chat template's generation prompt is not the start of the assistant turn")
-        reply = assistant_text[len(generation_prompt):]
-        at = reply.find(example.answer)
-        if at < 0:
-            raise ExampleError(f"{example.where}: the chat template dropped or rewrote the answer {example.answer!r}")
-        rendered.add(generation_prompt + reply[:at], TEMPLATE, owner)
-        rendered.add(example.answer, ANSWER, owner)
-        rendered.mark_answer_end(owner)
-        rendered.add(reply[at + len(example.answer):], TEMPLATE, owner)
 
-    def _prefix_text(self) -> str:
-        """The template prefix alone (system turn, BOS): what precedes the first turn of any conversation."""
-        if self.template == "plain":
-            return self._plain_prefix_text()
-        prefix, _ = self._split_template_prefix(self._render([self._message(_STAND_IN)]), _STAND_IN)
-        return prefix
 
-    def _query_turn(self, query: Example, history: Sequence[Example] | None) -> tuple[str, list[tuple[str, int | None]]]:
-        """The query as it follows a demonstration: `(stand-in conversation before it, [(text, token_type), ...])`.
-
-        The stand-in is the last demonstration of `history`, or, by default, the query itself answered: it matters
-        only for templates that render a turn differently depending on what came before, and for the tokens at the
-        seam (which must not merge across it).
-        """
-        answer = query.answer or (query.choices[0] if query.choices else "")
-        stand_in = history[-1] if history else Example(content=query.content, answer=answer, where=query.where)
-        if self.template == "plain":
-            before = self._plain_prefix_text() + "".join(text for text, _ in self._plain_demo(stand_in))
-            return before, [(self._plain_user(query), TEXT)]
-        messages = [self._message(stand_in), {"role": "assistant", "content": stand_in.answer or ""}]
-        before = self._render(messages)
-        messages.append(self._message(query))
-        user_text = self._delta(before, messages)
-        generation_prompt = self._delta(before + user_text, messages, add_generation_prompt=True)
-        return before, [(user_text, None), (generation_prompt, TEMPLATE)]
-
-    def _add_query(self, rendered: RenderedText, pieces: list[tuple[str, int | None]], query: Example, owner: int) -> None:
-        for text, token_type in pieces:
-            if token_type is None:  # a chat user turn: typed part by part
-                self._add_user_turn(rendered, text, query, owner)
-            else:
-                rendered.add(text, token_type, owner)
 
     # -- plain rendering ------------------------------------------------------------------------------------------------
 
-    def _plain_prefix_text(self) -> str:
-        return self._leading_special_text() + (self.instruction + "\n\n" if self.instruction else "")
 
-    def _leading_special_text(self) -> str:
-        """What the tokenizer itself puts in front of every text it encodes (BOS for Gemma and Llama, nothing for
-        SmolLM2), as text: a plain prompt starts as `tokenizer(prompt)` starts. Read from the tokenizer's own output,
-        since `add_bos_token` does not tell (a Gemma tokenizer loaded from GGUF says False and adds `<bos>`)."""
-        sample = "a"
-        with_special = self.tokenizer(sample)["input_ids"]
-        without = self.tokenizer(sample, add_special_tokens=False)["input_ids"]
-        lead = next((k for k in range(len(with_special) - len(without) + 1)
-                     if with_special[k:k + len(without)] == without), 0)
-        text = "".join(self.tokenizer.convert_ids_to_tokens(with_special[:lead]))
-        if self.tokenizer(text, add_special_tokens=False)["input_ids"] != with_special[:lead]:
-            return ""  # not special tokens that read back from their text: nothing we could render
-        return text
 
-    def _plain_user(self, example: Example) -> str:
-        if example.has_media:
-            raise ExampleError(f"{example.where}: template='plain' renders text only")
-        return example.text + "\n"
 
-    def _plain_demo(self, example: Example) -> list[tuple[str, int]]:
-        # The answer's line break ends the answer, as an end-of-turn token does in a chat rendering; the blank line
-        # after it is template. A tokenizer that merges "\n\n" gives one token starting in the answer: an answer token.
-        return [(self._plain_user(example), TEXT), (example.answer + "\n", ANSWER), ("\n", TEMPLATE)]
 
     # -- tokenising -----------------------------------------------------------------------------------------------------
 
-    def _tokenize(self, rendered: RenderedText, begin: int, end: int) -> list[_Token]:
-        """Tokenises the whole rendered text once and returns the tokens of `text[begin:end]`, typed and owned.
 
-        Rule for a token that straddles two annotated pieces (a merged "\\n\\n" between two demonstrations): it belongs
-        to the piece of its FIRST character, owner and type. A token's first character is where its offsets start, or
-        earlier where the offsets skip characters (a byte-level tokenizer trims the leading space of " word"; a
-        normaliser drops characters): those belong to the token that follows them.
-
-        `begin` and `end` are seams where the caller cuts the text (the end of the demonstrations, the start of the
-        query): a token crossing one would belong to both sides, so it raises `TokenizationError`.
-        """
-        text = rendered.text
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        tokens = []
-        covered = 0
-        for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-            start = min(start, covered)
-            covered = max(covered, stop)
-            for seam in (begin, end):
-                if 0 < seam < rendered.length and start < seam < stop:
-                    raise TokenizationError(
-                        f"the tokenizer merges text across the demonstrations/query boundary: token "
-                        f"{self.tokenizer.convert_ids_to_tokens(token_id)!r} covers {text[start:stop]!r}, which "
-                        f"starts before character {seam} and ends after it, so no memory can be cut there (does a "
-                        f"demonstration or query start or end with whitespace?)"
-                    )
-            if begin <= start < end:
-                tokens.append(_Token(token_id, start, stop, *rendered.at(start)))
-        # a chat answer's end-of-turn token is part of the answer span (design §4)
-        starts = [token.start for token in tokens]
-        for char, owner in rendered.answer_ends:
-            after = bisect.bisect_left(starts, char)
-            if after < len(tokens) and tokens[after].owner == owner:
-                tokens[after].token_type = ANSWER
-        return tokens
-
-    def _spans(self, tokens: list[_Token], examples: dict[int, Example]) -> dict[int, EncodedSpan]:
+    def _spans(self, tokens: list[Token], examples: dict[int, Example]) -> dict[int, EncodedSpan]:
         """Groups tokens by owner into spans; expands every image/video placeholder into its visual tokens with the
         owner's next image or video (the base processor on that placeholder alone)."""
         return {owner: self._encode_tokens(ids, types, examples.get(owner)) for owner, (ids, types) in self._group(tokens).items()}
 
     @staticmethod
-    def _group(tokens: list[_Token]) -> dict[int, tuple[list[int], list[int]]]:
+    def _group(tokens: list[Token]) -> dict[int, tuple[list[int], list[int]]]:
         """Token ids and types by owner, in text order."""
         grouped: dict[int, tuple[list[int], list[int]]] = {}
         for token in tokens:
@@ -873,8 +386,8 @@ class EmlocProcessor(ProcessorMixin):
         belongs to the piece its first character belongs to (`_tokenize`).
         """
         examples = load_examples(demos, require_answer=True)
-        rendered, end = self._render_context(examples)
-        spans = self._spans(self._tokenize(rendered, 0, end), dict(enumerate(examples)))
+        rendered, end = self.renderer.render_context(examples)
+        spans = self._spans(self.renderer.tokenize(rendered, 0, end), dict(enumerate(examples)))
         return EncodedContext(
             prefix=spans.get(PREFIX_OWNER, _empty_span()),
             demos=[spans.get(index, _empty_span()) for index in range(len(examples))],
@@ -890,8 +403,8 @@ class EmlocProcessor(ProcessorMixin):
         (text only, cheap); images and video frames are decoded when their demonstration is read (`StreamedContext`).
         """
         examples = load_examples(demos, require_answer=True, decode=False)
-        rendered, end = self._render_context(examples)
-        grouped = self._group(self._tokenize(rendered, 0, end))
+        rendered, end = self.renderer.render_context(examples)
+        grouped = self._group(self.renderer.tokenize(rendered, 0, end))
         tokens = []
         for index, example in enumerate(examples):
             ids, types = grouped.get(index, ([], []))
@@ -906,30 +419,30 @@ class EmlocProcessor(ProcessorMixin):
         It is tokenised after a stand-in demonstration (the last of `history`, by default the query itself answered)
         and keeps only its own tokens; a token crossing into the query raises `TokenizationError`.
         """
-        before, pieces = self._query_turn(query, history)
+        before, pieces = self.renderer.query_turn(query, history)
         rendered = RenderedText()
         rendered.add(before, TEMPLATE, PREFIX_OWNER)
-        self._add_query(rendered, pieces, query, 0)
-        tokens = self._tokenize(rendered, len(before), rendered.length)
+        self.renderer.add_query(rendered, pieces, query, 0)
+        tokens = self.renderer.tokenize(rendered, len(before), rendered.length)
         return self._spans(tokens, {0: query}).get(0, _empty_span())
 
     def encode_prefix(self) -> EncodedSpan:
         """The template prefix alone (system turn, BOS): what precedes the first turn of any conversation. A query
         answered without a memory (zero-shot) follows it, exactly as in a full context."""
-        prefix = self._prefix_text()
+        prefix = self.renderer.prefix_text()
         rendered = RenderedText()
         rendered.add(prefix, TEMPLATE, PREFIX_OWNER)
-        _, pieces = self._query_turn(_STAND_IN, None)
-        self._add_query(rendered, pieces, _STAND_IN, 0)
-        return self._spans(self._tokenize(rendered, 0, len(prefix)), {}).get(PREFIX_OWNER, _empty_span())
+        _, pieces = self.renderer.query_turn(STAND_IN, None)
+        self.renderer.add_query(rendered, pieces, STAND_IN, 0)
+        return self._spans(self.renderer.tokenize(rendered, 0, len(prefix)), {}).get(PREFIX_OWNER, _empty_span())
 
     def _encode_zero_shot(self, query: Example) -> EncodedSpan:
         """Template prefix + query, tokenised as one text: the input of the base model without any memory."""
-        _, pieces = self._query_turn(query, None)
+        _, pieces = self.renderer.query_turn(query, None)
         rendered = RenderedText()
-        rendered.add(self._prefix_text(), TEMPLATE, PREFIX_OWNER)
-        self._add_query(rendered, pieces, query, 0)
-        spans = self._spans(self._tokenize(rendered, 0, rendered.length), {0: query})
+        rendered.add(self.renderer.prefix_text(), TEMPLATE, PREFIX_OWNER)
+        self.renderer.add_query(rendered, pieces, query, 0)
+        spans = self._spans(self.renderer.tokenize(rendered, 0, rendered.length), {0: query})
         return EncodedSpan.concat([spans.get(PREFIX_OWNER, _empty_span()), spans.get(0, _empty_span())])
 
     def encode_choice(self, choice: str) -> torch.Tensor:

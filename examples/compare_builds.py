@@ -1,7 +1,7 @@
 """Builds of one memory side by side, in one process: their cost, and how many of their decisions agree.
 
     python examples/compare_builds.py --model gemma3-270m --demos D.jsonl \\
-        --methods "default,default[layer_group=3;refine=true]" [--out OUT.json]
+        --methods "default,default[relative=None]" [--out OUT.json]
 
 A cheaper build is worth what it changes: this measures both. After a warm-up (a one-chunk build), the full context is
 prefilled once (the unit of "build ÷ prefill"), then each method of `--methods` is built in turn on the same

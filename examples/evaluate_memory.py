@@ -13,7 +13,7 @@ Methods (a comma-separated list; `@F` is a kept fraction of the full context's K
 value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
     zero-shot                 no memory
     full                      the whole context as an uncompressed memory (prefix cache)
-    emloc[k=v;...]            EMLoC, `method="emloc"` (paper defaults; e.g. emloc[probe=heldout], emloc[budget=0.2])
+    emloc[k=v;...]            EMLoC, `method="emloc"` (paper defaults; e.g. emloc[probe=future], emloc[budget=0.2])
     default[k=v;...]          `model.build_memory(demos, processor=processor, **params)` with no method argument: the
                               library's default method (its name is recorded in the memory's stats)
     NAME[k=v;...]             any other method registered in modeling_emloc (`method=NAME`); `method=` inside the
@@ -483,7 +483,7 @@ def evaluate(args) -> dict:
 
     from memory_emloc import TaskMemory
     from metrics import load_metric
-    from modeling_emloc import calibrated_scores, choice_priors
+    from scoring_emloc import calibrated_scores, choice_priors
     from processing_emloc import load_examples
 
     # without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join as CPU processes (gloo)
@@ -680,7 +680,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default="zero-shot,full,emloc")
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget", type=float, default=None, help="EMLoC kept-KV budget (fraction)")
-    parser.add_argument("--emloc-args", default="", help="EMLoC parameters, e.g. delta=0.01,probe=heldout")
+    parser.add_argument("--emloc-args", default="", help="EMLoC parameters, e.g. delta=0.01,probe=future")
     parser.add_argument("--shares", nargs="*", default=[], metavar="LABEL=F",
                         help="kept shares of memories measured in an earlier run on these demonstrations: `X@LABEL` "
                              "then takes LABEL's share without rebuilding it (benchmark.py --add)")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import text_demos, text_queries
 from lora_baseline import answer_loss, train_lora, training_rows
-from processing_emloc import ANSWER
+from rendering_emloc import ANSWER
 
 pytest.importorskip("peft")
 

@@ -1,21 +1,11 @@
-"""Memory that grows with what is kept (issue 10): growth in place equals concatenation, and builds give the memory
-bytes of the implementation before the change, which concatenated the whole memory per chunk and decoded every
-demonstration up front."""
-
-import json
-import subprocess
-import sys
+"""Memory that grows with what is kept (issue 10): growth in place equals concatenation, never writes into what it did
+not allocate, and a build lets each chunk's working state go before the next."""
 
 import pytest
 import torch
 
-from conftest import ROOT, demos_for
-from demo_files import write_jsonl
+from conftest import demos_for
 from memory_emloc import MemoryLayer, TaskMemory
-
-
-# the last commit before issue 10: `MemoryLayer.append` per chunk, `encode_context` of every demonstration up front
-REFERENCE_COMMIT = "dbc0a6d98ff6c0509579ef2432caa90a5f789d99"
 
 
 def _random_chunk(num_layers, heads, dim, length, generator):
@@ -87,11 +77,12 @@ def test_a_chunks_working_state_is_let_go_before_the_next_chunk(tiny, monkeypatc
     copy of the memory was made for it."""
     import weakref
 
-    import modeling_emloc
+    import building_emloc
+    from running_emloc import MemoryRunner
 
     model, processor, _ = tiny("llama")
     alive = []
-    prefill = type(model)._prefill_chunk
+    prefill = MemoryRunner.prefill
 
     def recording_prefill(self, memory, span, **kwargs):
         chunk = prefill(self, memory, span, **kwargs)
@@ -99,27 +90,28 @@ def test_a_chunks_working_state_is_let_go_before_the_next_chunk(tiny, monkeypatc
         alive.append(weakref.ref(chunk))
         return chunk
 
-    class RecordingProbe(modeling_emloc.Probe):
+    class RecordingProbe(building_emloc.Probe):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             alive.append(weakref.ref(self))
 
-    monkeypatch.setattr(type(model), "_prefill_chunk", recording_prefill)
-    monkeypatch.setattr(modeling_emloc, "Probe", RecordingProbe)
+    monkeypatch.setattr(MemoryRunner, "prefill", recording_prefill)
+    monkeypatch.setattr(building_emloc, "Probe", RecordingProbe)
     checked = []
 
     def progress(done, total):
         assert len(alive) == 2 * done and all(ref() is None for ref in alive)
         checked.append(done)
 
-    model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2, progress=progress, **PAPER)
+    model.build_memory(demos_for("llama", 6), processor=processor, chunk_size=2, progress=progress, method="emloc",
+                       calibration_rows=0)
     assert checked == [1, 2, 3]
 
 
 def test_scratch_gives_room_after_each_layer_and_leaves_the_memory_as_it_was():
     """A build's passes write after the memory in its growth buffers (`TaskMemory.scratch`): the memory, and what it
     handed out, keep their values, and the next `extend` writes over the scratch as concatenation would."""
-    from modeling_emloc import PrefixedLayer
+    from cache_emloc import PrefixedLayer
 
     generator = torch.Generator().manual_seed(2)
     memory = TaskMemory.empty(3, 2, 8)
@@ -145,118 +137,3 @@ def test_scratch_gives_room_after_each_layer_and_leaves_the_memory_as_it_was():
     memory.extend(chunk, next_position=8)
     for got, snapshot, new in zip(memory.layers, snapshots, chunk):
         _assert_layers_equal(got, snapshot.append(new))
-
-
-# -- the same bytes as the implementation before issue 10 -----------------------------------------------------------
-
-REFERENCE_BUILD = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from emloc_reference.modeling_emloc import EmlocForConditionalGeneration
-from emloc_reference.processing_emloc import EmlocProcessor
-base, demos, out, builds = sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-model = EmlocForConditionalGeneration.from_base(base)
-processor = EmlocProcessor.from_base(base, trust_remote_code=True)
-for name, kwargs in builds.items():
-    try:
-        memory = model.build_memory(demos, processor=processor, **kwargs)
-    except (TypeError, ValueError) as error:  # a method or option the implementation before did not have
-        print(json.dumps({name: str(error)}), flush=True)
-        continue
-    memory.save_pretrained(f"{out}/{name}")
-"""
-
-PAPER = {"method": "emloc", "delta": 0.005, "ratios": [0.1, 0.2, 0.5], "probe": "self", "protect": "count",
-         "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid"}
-BUILDS = {
-    "full": {"method": "full", "chunk_size": 2},
-    "random": {"method": "random", "ratio": 0.3, "seed": 3, "chunk_size": 2},
-    "emloc": {**PAPER, "chunk_size": 2},
-    "emloc-heldout": {**PAPER, "probe": "heldout", "probe_size": 3, "chunk_size": 3},
-}
-
-
-def _reference_modules(directory):
-    """The modules at REFERENCE_COMMIT as the package `emloc_reference` in `directory` (its relative imports keep it
-    from importing today's modules)."""
-    package = directory / "emloc_reference"
-    package.mkdir(parents=True)
-    for name in ("configuration_emloc.py", "memory_emloc.py", "modeling_emloc.py", "processing_emloc.py"):
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{REFERENCE_COMMIT}:{name}"], capture_output=True)
-        if shown.returncode != 0:
-            pytest.skip(f"the reference implementation comes from the repository's history ({REFERENCE_COMMIT[:7]})")
-        (package / name).write_bytes(shown.stdout)
-    (package / "__init__.py").write_text("")
-    return directory
-
-
-def _build_before(tmp_path, base_dir, demos, builds) -> dict[str, str]:
-    """Builds each of `builds` with the implementation before, into `tmp_path/before/{name}`; returns the builds it
-    could not make (a method or option it did not have) with the reason."""
-    reference = _reference_modules(tmp_path / "reference")
-    done = subprocess.run([sys.executable, "-c", REFERENCE_BUILD, str(reference), str(base_dir), str(demos),
-                           str(tmp_path / "before"), json.dumps(builds)], check=True, timeout=600, capture_output=True,
-                          text=True)
-    refused = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            refused.update(json.loads(line))
-    return refused
-
-
-def _assert_same_memory(memory, before, tmp_path, name):
-    """`memory` has every tensor of the saved memory `before`, bit for bit, and its decisions."""
-    from safetensors.torch import load_file
-
-    expected = load_file(str(before / "memory.safetensors"))
-    now = load_file(str(memory.save_pretrained(tmp_path / "now" / name) / "memory.safetensors"))
-    assert set(expected) <= set(now)
-    for key, tensor in expected.items():
-        assert now[key].dtype == tensor.dtype and torch.equal(now[key], tensor), f"{name}: {key}"
-    recorded = json.loads((before / "memory_config.json").read_text())
-    assert memory.next_position == recorded["next_position"]
-    assert len(memory.stats["build"]["chunks"]) == len(recorded["build"]["chunks"])
-    for chunk, chunk_before in zip(memory.stats["build"]["chunks"], recorded["build"]["chunks"]):
-        assert chunk.get("ratios") == chunk_before.get("ratios")
-        assert chunk.get("js") == pytest.approx(chunk_before.get("js"), abs=2e-6)
-    totals = dict(memory.stats["totals"])
-    # the implementation before did not count what a query can read; without sliding windows it is the whole context
-    assert totals.pop("readable_kv_bytes") == totals["full_kv_bytes"]
-    assert totals == recorded["totals"]
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2-vl"])
-def test_builds_give_the_memory_bytes_of_the_implementation_before(tiny, tmp_path, family):
-    """Full, random and the paper's rule (self and held-out probes) from a JSONL file (images as files for Qwen2-VL):
-    the same decisions and the same tensors, bit for bit, as the implementation before growth in place and
-    streaming."""
-    model, processor, base_dir = tiny(family)
-    demos = write_jsonl(tmp_path / "demos", demos_for(family, 7))
-    assert _build_before(tmp_path, base_dir, demos, BUILDS) == {}
-    for name, kwargs in BUILDS.items():
-        memory = model.build_memory(demos, processor=processor, **kwargs)
-        _assert_same_memory(memory, tmp_path / "before" / name, tmp_path, name)
-
-
-def test_the_default_build_gives_the_memory_bytes_of_the_implementation_before(tiny, tmp_path):
-    """`build_memory` with no method arguments but the fixed bound (`relative=None`: the implementation before had no
-    relative bound), against the implementation before given the same rule (the options the default records in its
-    `method.params`), where that implementation has them."""
-    model, processor, base_dir = tiny("llama")
-    demos = write_jsonl(tmp_path / "demos", demos_for("llama", 9))
-    memory = model.build_memory(demos, processor=processor, relative=None)
-    method = memory.stats["method"]
-    assert method["name"] == "emloc-query"
-    # the default is the paper's rule with options the implementation before already had as `method="emloc"` options
-    params = dict(method["params"])
-    assert params.pop("reuse") == "none"  # the implementation before had no reuse option: it searched every chunk
-    assert params.pop("rerun") == "rows"  # nor a rerun option: it reran whole probe rows
-    assert params.pop("probe_at") == "chunk"  # nor probe placement: rows right after the chunk
-    params.pop("sliding")  # nor a sliding-window option, which changes nothing on a model without sliding windows
-    assert params.pop("distinct_answers") is False  # nor a choice of probe rows by answer: rows in order
-    assert params.pop("relative") is None  # nor a relative bound (the default's 0.5, set aside above): delta alone
-    assert params.pop("importance") == "probe"  # nor another ranking than the probe rows' attention
-    assert params.pop("reference") == "memory"  # nor another reference than the memory and the chunk unpruned
-    refused = _build_before(tmp_path, base_dir, demos, {"default": {"method": "emloc", **params}})
-    assert refused == {}
-    _assert_same_memory(memory, tmp_path / "before" / "default", tmp_path, "default")

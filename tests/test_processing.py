@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, TEXT_FAMILIES, demos_for, queries_for, digit_image
-from processing_emloc import ANSWER, IMAGE, EmlocProcessor, EncodedSpan, ExampleError, load_examples
+from processing_emloc import EmlocProcessor, EncodedSpan, ExampleError, load_examples
+from rendering_emloc import ANSWER, IMAGE
 from reference import full_inputs
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, demos_for, queries_for
-from modeling_emloc import (AttentionObserver, EmlocCache, MemorySelector, memory_prefix, run_layers, smooth)
+from cache_emloc import AttentionObserver, EmlocCache, MemorySelector, smooth
+from running_emloc import memory_prefix, run_layers
 
 
 def _batch(processor, queries):
@@ -38,7 +39,7 @@ def test_selected_tokens_are_the_top_scored(tiny):
     memory = model.build_memory(demos_for("llama", 6), processor=processor, method="full")
     batch = _batch(processor, queries_for("llama", 2))
     family = model.family
-    segment = model._segment(dict(batch), start_position=memory.next_position)
+    segment = model.runner.segment(dict(batch), start_position=memory.next_position)
     cache = EmlocCache(memory_prefix(memory), 2)
     selector = MemorySelector(0.25, cache, segment.valid)
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_selected_tokens_are_the_top_scored(tiny):
     length = memory.layers[0].num_tokens
     observers = []
     for row in range(2):
-        single = model._segment({k: v[row:row + 1] for k, v in batch.items()}, start_position=memory.next_position)
+        single = model.runner.segment({k: v[row:row + 1] for k, v in batch.items()}, start_position=memory.next_position)
         observer = AttentionObserver(single.valid, slice(0, length), groups)
         with torch.no_grad():
             run_layers(family, single, EmlocCache(memory_prefix(memory), 1), stop=1, observer=observer)

@@ -77,7 +77,7 @@ def test_help_comes_from_the_docstrings(workspace):
 
 
 def test_build_inspect_and_ask(workspace):
-    from modeling_emloc import calibrated_scores
+    from scoring_emloc import calibrated_scores
 
     root, repo = workspace
     _, err = emloc("build", "demos.jsonl", "--model", repo, "--out", "memory", "--method", "emloc",

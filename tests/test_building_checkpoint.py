@@ -10,11 +10,10 @@ import pytest
 
 from conftest import ROOT, demos_for
 from demo_files import write_jsonl
-from memory_emloc import CHECKPOINT_STATE_NAME, CheckpointError
+from building_emloc import CHECKPOINT_STATE_NAME, CheckpointError
 
 
-PAPER = {"method": "emloc", "delta": 0.005, "ratios": (0.1, 0.2, 0.5), "probe": "self", "protect": "count",
-         "positions": "answer", "over": "vocab", "layer_group": 1, "search": "grid", "chunk_size": 2}
+PAPER = {"method": "emloc", "delta": 0.005, "ratios": (0.1, 0.2, 0.5), "probe": "self", "over": "vocab", "chunk_size": 2}
 FULL = {"method": "full", "chunk_size": 2}
 
 KILLED_BUILD = """

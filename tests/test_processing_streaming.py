@@ -11,7 +11,7 @@ from conftest import FAMILIES, TEXT_FAMILIES, demos_for, text_demos, text_querie
 from demo_files import write_jsonl
 from processing_emloc import EncodedSpan, ExampleError, load_examples
 from reference import full_inputs
-from test_tokenization import CASES as REAL_CASES, real_processor  # noqa: F401  (a fixture)
+from test_rendering import CASES as REAL_CASES, real_processor  # noqa: F401  (a fixture)
 
 
 CASES = [(family, "chat") for family in FAMILIES] + [(family, "plain") for family in TEXT_FAMILIES]
@@ -92,7 +92,7 @@ def test_a_bad_line_fails_before_any_computation(tiny, tmp_path, monkeypatch):
     lines = path.read_text().splitlines()
     lines.insert(3, json.dumps({"image": "img/missing.png", "question": "Which digit?", "answer": "1"}))
     path.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(type(model), "_prefill_chunk", lambda *args: pytest.fail("computed before checking every line"))
+    monkeypatch.setattr(type(model.runner), "prefill", lambda *args: pytest.fail("computed before checking every line"))
     with pytest.raises(ExampleError, match=r"demos\.jsonl:4: image file not found"):
         model.build_memory(path, processor=processor, checkpoint_dir=tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint").exists()

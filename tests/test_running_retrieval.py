@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, demos_for, queries_for
 from memory_emloc import MemoryLayer, TaskMemory
-from processing_emloc import TEMPLATE
+from rendering_emloc import TEMPLATE
 
 
 def _batch(processor, queries):
@@ -28,7 +28,7 @@ def _restricted(memory, demos):
 
 
 def _chosen(model, memory, processor, queries, k):
-    keys = model._retrieval_keys(_batch(processor, queries), memory.retrieval.layer)
+    keys = model.runner.retrieval_keys(_batch(processor, queries), memory.retrieval.layer)
     return memory.retrieval.nearest(keys, k)
 
 
@@ -101,8 +101,8 @@ def test_selection_chooses_within_the_retrieved_tokens(tiny):
     model, processor, _ = tiny("llama")
     memory = model.build_memory(demos_for("llama", 6), processor=processor, method="full")
     batch = _batch(processor, queries_for("llama", 2))
-    _, cache, _ = model._query_pass(memory, dict(batch), select=0.5, retrieve=2)
-    chosen = memory.retrieval.nearest(model._retrieval_keys(batch, memory.retrieval.layer), 2)
+    _, cache, _ = model.runner.query_pass(memory, dict(batch), select=0.5, retrieve=2)
+    chosen = memory.retrieval.nearest(model.runner.retrieval_keys(batch, memory.retrieval.layer), 2)
     visible_tokens = int(memory.retrieval.visible(memory.layers[0].positions, chosen)[0, 0].sum())
     for keep, positions in zip(cache.prefix_keep, cache.prefix_positions):
         # each row's own prefix holds its retrieved tokens only; selection keeps about half of them

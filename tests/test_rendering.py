@@ -13,7 +13,8 @@ import torch
 
 from conftest import text_demos, text_queries
 from memory_emloc import MemoryLoadError, TaskMemory
-from processing_emloc import ANSWER, EmlocProcessor, EncodedSpan, ExampleError, TokenizationError, load_examples
+from processing_emloc import EmlocProcessor, EncodedSpan, ExampleError, load_examples
+from rendering_emloc import ANSWER, TokenizationError
 from reference import full_inputs
 
 INSTRUCTION = "Name the iris species."

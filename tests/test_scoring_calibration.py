@@ -33,7 +33,7 @@ def _choice_distribution(scores):
 
 
 def test_calibrated_scores_divide_the_prior_out():
-    from modeling_emloc import calibrated_scores
+    from scoring_emloc import calibrated_scores
 
     scores = [math.log(0.6), math.log(0.3), math.log(0.1)]
     calibrated = torch.tensor(calibrated_scores(scores, [math.log(0.6), math.log(0.2), math.log(0.2)]), dtype=torch.float64)
@@ -75,7 +75,7 @@ def test_prior_is_the_mean_choice_distribution_of_demonstration_questions(tiny, 
 
 def test_build_records_the_prior_and_score_choices_divides_it_out(tiny, tmp_path):
     from memory_emloc import TaskMemory
-    from modeling_emloc import calibrated_scores
+    from scoring_emloc import calibrated_scores
 
     model, processor, _ = tiny("llama")
     demos = _demos("llama", 8)
@@ -147,7 +147,7 @@ def test_calibration_refuses_what_it_cannot_do(tiny):
 
 def test_harness_calibrated_methods_and_reused_scores(tmp_path):
     import evaluate_memory
-    from modeling_emloc import calibrated_scores
+    from scoring_emloc import calibrated_scores
     from tasks import make_task, write_jsonl
     from tiny_models import build_tiny_emloc
 

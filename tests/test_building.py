@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from conftest import FAMILIES, VL_FAMILIES, demos_for, queries_for
-from modeling_emloc import (COMPRESSION_METHODS, Probe, js_divergence, smooth,
-                            top_tokens)
-from processing_emloc import ANSWER
+from building_emloc import COMPRESSION_METHODS, EmlocMethod, MemoryBuilder, Probe, top_tokens
+from cache_emloc import smooth
+from processing_emloc import EncodedSpan
+from rendering_emloc import ANSWER
+from running_emloc import js_divergence
 
 
 def _build(model, processor, family, **kwargs):
     kwargs.setdefault("chunk_size", 2)
     kwargs.setdefault("method", "emloc")  # the paper's rule: these are its invariants
+    kwargs.setdefault("calibration_rows", 0)
     return model.build_memory(demos_for(family, 6), processor=processor, **kwargs)
 
 
@@ -26,7 +29,7 @@ def _logits(model, processor, memory, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_huge_delta_keeps_the_smallest_ratio_in_every_layer(tiny, family):
     model, processor, _ = tiny(family)
-    # the rule's own counts: nothing dropped afterwards from Gemma 3's sliding layers (tests/test_unreadable.py)
+    # the rule's own counts: nothing dropped afterwards from Gemma 3's sliding layers (tests/test_memory_unreadable.py)
     memory = _build(model, processor, family, delta=1e9, ratios=(0.1, 0.2, 0.5), drop_unreadable=False)
     for chunk in memory.stats["build"]["chunks"]:
         assert chunk["ratios"] == [0.1] * model.family.num_layers
@@ -116,14 +119,10 @@ def test_probe_divergence_of_the_final_decision_is_recomputable(tiny):
     demos = demos_for("llama", 2)
     memory = model.build_memory(demos, processor=processor, method="emloc", chunk_size=2, delta=0.01)
     recorded = memory.stats["build"]["chunks"][0]["js"][0]
-    builder_memory = model._empty_memory()
-    from modeling_emloc import MemoryBuilder, EmlocMethod
-
-    builder = MemoryBuilder(model, processor, EmlocMethod(delta=0.01), chunk_size=2, pool_width=5)
+    builder_memory = model.runner.empty_memory()
+    builder = MemoryBuilder(model.runner, processor, EmlocMethod(delta=0.01), chunk_size=2, pool_width=5)
     builder.context = processor.encode_context(demos)
-    from processing_emloc import EncodedSpan
-
-    chunk = model._prefill_chunk(builder_memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos]))
+    chunk = model.runner.prefill(builder_memory, EncodedSpan.concat([builder.context.prefix, *builder.context.demos]))
     probe = Probe(builder, builder_memory, chunk, builder.context.demos)
     # the memory stores, per layer and head, the kept chunk tokens: recover their indices from positions
     kept = {}
@@ -183,7 +182,7 @@ def test_stats_follow_the_memory_config_format(tiny, family):
         assert totals["readable_kv_bytes"] == totals["full_kv_bytes"]
         assert totals["kept_ratio"] == pytest.approx(totals["kept_kv_bytes"] / totals["full_kv_bytes"], abs=1e-6)
         assert stats["token_types"]["answer"]["kept"] == stats["token_types"]["answer"]["full"]
-    else:  # Gemma 3: the sliding layers hold only their last window (tests/test_unreadable.py)
+    else:  # Gemma 3: the sliding layers hold only their last window (tests/test_memory_unreadable.py)
         assert totals["readable_kv_bytes"] < totals["full_kv_bytes"]
         assert stats["token_types"]["answer"]["kept"] < stats["token_types"]["answer"]["full"]
     if family in VL_FAMILIES:
@@ -222,22 +221,6 @@ def test_budget_caps_the_kept_share(tiny):
         assert memory.stats["method"]["params"]["budget"] == budget
 
 
-def test_bisection_finds_a_passing_ratio_no_larger_than_the_grid(tiny):
-    model, processor, _ = tiny("llama")
-    grid = _build(model, processor, "llama", delta=0.0005)
-    bisect = _build(model, processor, "llama", delta=0.0005, search="bisect", bisect_steps=5)
-    for chunk in bisect.stats["build"]["chunks"]:
-        assert all(js <= 0.0005 for js, r in zip(chunk["js"], chunk["ratios"]) if r < 1.0)
-    assert bisect.stats["totals"]["kept_tokens"] <= grid.stats["totals"]["kept_tokens"] * 1.05
-
-
-def test_heldout_probe_uses_other_demonstrations(tiny):
-    model, processor, _ = tiny("llama")
-    memory = _build(model, processor, "llama", probe="heldout")
-    assert memory.stats["method"]["params"]["probe"] == "heldout"
-    assert memory.stats["totals"]["kept_ratio"] < 1.0
-
-
 def test_unknown_method_and_parameters_are_refused(tiny):
     model, processor, _ = tiny("llama")
     with pytest.raises(ValueError, match="unknown method 'snap'"):
@@ -246,4 +229,6 @@ def test_unknown_method_and_parameters_are_refused(tiny):
         _build(model, processor, "llama", method="full", delta=0.1)
     with pytest.raises(ValueError, match="probe must be"):
         _build(model, processor, "llama", probe="other")
+    with pytest.raises(ValueError, match="was retired"):
+        _build(model, processor, "llama", probe="heldout")
     assert {"emloc", "full"} <= set(COMPRESSION_METHODS)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, demos_for, queries_for
-from modeling_emloc import EmlocCache, Segment, memory_prefix, run_layers
+from cache_emloc import EmlocCache
+from running_emloc import Segment, memory_prefix, run_layers
 from reference import full_inputs, reference_logits
 
 ATOL = 1e-4
@@ -44,7 +45,7 @@ def test_restart_from_any_layer_reproduces_the_logits(tiny, family):
     model, processor, _ = tiny(family)
     memory = model.build_memory(demos_for(family, 4), processor=processor, method="full", chunk_size=2)
     batch = _query_batch(processor, queries_for(family, 1))
-    segment = model._segment(dict(batch), start_position=memory.next_position)
+    segment = model.runner.segment(dict(batch), start_position=memory.next_position)
     family_ = model.family
     with torch.no_grad():
         final, entering = run_layers(family_, segment, EmlocCache(memory_prefix(memory), 1), keep_hidden=True)
