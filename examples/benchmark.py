@@ -261,9 +261,12 @@ def split_record(split_dir: Path) -> dict:
                                    if key in run.get(label, {})}
         added.append(entry)
     facts = {key: value for key, value in results.items()
-             if key not in ("task", "split", "seed", "methods", "answers", "added", "replaced")}
+             if key not in ("task", "split", "seed", "task_rows", "methods", "answers", "added", "replaced")}
     record = {"task": split_dir.parent.name, "split": split_dir.name, "seed": int(match.group(1)), **facts,
               "answers": answers, "methods": methods}
+    rows = _rows(record["task"])
+    if rows is not None:  # the report's row count, from the record: regenerating it needs no task data
+        record["task_rows"] = rows
     if added:
         record["added"] = added
     if results.get("replaced"):
@@ -589,7 +592,8 @@ def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | Non
                 splits_for_report = []  # a task without a many-shot gain is listed, not reported
             else:
                 splits_for_report = splits
-            entry = {"screen": screen, "rows": _rows(task), "splits_data": splits_for_report,
+            rows = next((r["task_rows"] for r in on_record.values() if "task_rows" in r), None)
+            entry = {"screen": screen, "rows": _rows(task) if rows is None else rows, "splits_data": splits_for_report,
                      "splits": [{"seed": s["seed"], "dir": s["dir"], "record": s["record"],
                                  "num_queries": s["num_queries"], "num_demos": s["results"].get("num_demos"),
                                  "failed": {m: r["error"] for m, r in s["results"]["methods"].items() if "error" in r}}
@@ -610,8 +614,8 @@ def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | Non
 
 
 def _rows(task: str) -> int | None:
-    """The task's row count for the report, or None where the task is unknown here or its data is not installed
-    (`--report-only` reads the records and must not need fashion_text's Debian package)."""
+    """The task's row count, or None where the task is unknown here or its data is not installed (`--report-only`
+    takes it from the records where they have it, and must not need fashion_text's Debian package)."""
     try:
         return task_rows(task)
     except (ValueError, FileNotFoundError):
@@ -1103,17 +1107,25 @@ def plot_scaling(out: Path, scaling: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def method_list(args) -> list[str]:
+def requested_methods(args) -> list[str]:
+    """`--methods` (default: the suite, or `--quick`'s list), with `zero-shot` and `full` first where missing: the
+    methods to run, and the order of the report's rows whatever this machine can run."""
     methods = evaluate_memory.split_methods(args.methods) if args.methods else list(QUICK if args.quick else SUITE)
+    for required in ("zero-shot", "full"):  # retained gain and fidelity need both
+        if required not in methods:
+            methods.insert(0 if required == "zero-shot" else 1, required)
+    return methods
+
+
+def method_list(args) -> list[str]:
+    """The requested methods this machine can run: without the kvpress side venv, no press."""
+    methods = requested_methods(args)
     if not evaluate_memory.KVPRESS_PYTHON.exists():
         presses = [m for m in methods if evaluate_memory.parse_methods(m)[0].name in evaluate_memory.KVPRESS_PRESSES]
         if presses:
             print(f"[note] no kvpress side venv ({evaluate_memory.KVPRESS_PYTHON}; `make kvpress`): skipping "
                   f"{', '.join(presses)}", flush=True)
             methods = [m for m in methods if m not in presses]
-    for required in ("zero-shot", "full"):  # retained gain and fidelity need both
-        if required not in methods:
-            methods.insert(0 if required == "zero-shot" else 1, required)
     return methods
 
 
@@ -1187,8 +1199,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = method_list(args)
+    order = requested_methods(args)  # the report's rows: the same with or without the kvpress side venv
     if not args.report_only:
+        methods = method_list(args)
         for model in [m for m in args.models.split(",") if m]:
             key = model_key(model)
             for task in [t for t in args.tasks.split(",") if t]:
@@ -1205,10 +1218,10 @@ def main(argv=None) -> dict:
                     for seed in args.seeds_list:
                         run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
                                   args.force, args.add, args.redo)
-                        report(args, out, methods)
+                        report(args, out, order)
     if args.scaling:
         run_scaling(out, args.scaling_task, args.scaling_sizes_list, args.scaling_methods_list, model=args.scaling_model)
-    report(args, out, methods)
+    report(args, out, order)
     print(f"wrote {out / 'report.md'}", flush=True)
     return json.loads((out / "results.json").read_text())
 

@@ -3,6 +3,7 @@ headline table — on synthetic per-split `results.json` files folded into recor
 tiny random model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,7 +178,8 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
 
 
 def test_report_only_needs_no_task_data(synthetic, tmp_path, monkeypatch):
-    """`--report-only` reads the splits on disk: a task whose data is not installed here is reported without its rows."""
+    """`--report-only` reads the records: a task's row count is on record, so the report needs no task data; a task
+    without it on record whose data is not installed here is reported without its rows."""
     import shutil
 
     import benchmark
@@ -187,10 +189,37 @@ def test_report_only_needs_no_task_data(synthetic, tmp_path, monkeypatch):
 
     out = tmp_path / "bench"
     shutil.copytree(synthetic[0], out)
+    assert {r["task_rows"] for r in benchmark.read_records(benchmark.records_path(out, "smollm2-135m"))
+            if r["task"] == "iris"} == {150}  # folded where the data is installed
     monkeypatch.setattr(benchmark, "task_rows", data_not_installed)
+    saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+    assert saved["models"]["smollm2-135m"]["tasks"]["iris"]["rows"] == 150
+    assert "| smollm2-135m | iris | 150 | 60 |" in (out / "report.md").read_text()
+    path = benchmark.records_path(out, "smollm2-135m")  # records folded where the data was not installed
+    benchmark.write_records(path, [{k: v for k, v in r.items() if k != "task_rows"} for r in benchmark.read_records(path)])
     saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
     assert saved["models"]["smollm2-135m"]["tasks"]["iris"]["rows"] is None
     assert "| smollm2-135m | iris | - | 60 |" in (out / "report.md").read_text()
+
+
+def test_the_report_is_the_same_with_or_without_the_kvpress_side_venv(synthetic, tmp_path, monkeypatch):
+    """The presses are left out of a run where kvpress is not set up, but not out of the report's row order: a clone
+    without the side venv regenerates the same report."""
+    import shutil
+    import sys
+
+    import benchmark
+    import evaluate_memory
+
+    reports = []
+    for kvpress in (Path(sys.executable), tmp_path / "no-kvpress" / "python"):
+        out = tmp_path / kvpress.parent.name
+        shutil.copytree(synthetic[0], out)
+        monkeypatch.setattr(evaluate_memory, "KVPRESS_PYTHON", kvpress)
+        benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+        reports.append((out / "report.md").read_text().split("\n", 3)[3])  # after the dated line
+    assert reports[0] == reports[1]
+    assert reports[0].index("| `kvzip@default` |") < reports[0].index("| `random@0.1` |")  # the suite's order
 
 
 def test_comparators_and_method_specs():
