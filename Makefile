@@ -28,7 +28,7 @@ test: $(VENV)/.installed kvpress
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # the benchmark (issue 9 protocol); resumable, run it in pieces: make bench BENCH_ARGS="--models smollm2-135m --tasks iris --seeds 0,1"
-# (see examples/benchmark.py --help; `--report-only` rebuilds benchmarks/report.md from the splits on disk)
+# (docs/benchmark.md; `--report-only` rebuilds benchmarks/report.md and headline.md from benchmarks/records/)
 BENCH_ARGS ?=
 # the fashion_text task reads Debian's dataset-fashion-mnist (a system package: apt-get, as root or through sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz

@@ -1,72 +1,44 @@
 """The benchmark (`make bench`): task memories against zero-shot, the full context, random pruning, kvpress presses
 (KVzip included), RICES and LoRA, on few-shot tasks from real data and two real models, with paired bootstrap
-intervals. Writes `benchmarks/`.
+intervals. The protocol (screening, splits, seeds, methods, intervals, retained gain) and the records are described in
+docs/benchmark.md.
 
-Protocol (design §5, issue 9):
-  * Tasks: `examples/tasks.py` (scikit-learn's bundled data; `fashion_text` reads Debian's dataset-fashion-mnist,
-    which `make bench` installs). For each model a task is *screened* on its own split (seed `--screen-seed`, 100)
-    with zero-shot and the full context, and kept only if the full context gains at least
-    `--min-gain` (15 points); the report says which tasks were dropped and why. `--keep MODEL/TASK,...` reports a
-    task whatever its screening split shows (a split too small to show the gain the reported seeds show); the
-    report names such tasks "kept by --keep" with the screening gain it overrode (default: `KEEP`, SmolLM2's iris).
-  * Splits: each reported seed (`--seeds`, 0,1,2,3) draws `--demos` demonstrations (90) and `Q` held-out queries,
-    `Q = min(--queries, rows - demos)` (60; iris's 150 rows give 60), so 4 seeds pool 240 scored queries per task and
-    model. Every split builds its own memories (`examples/evaluate_memory.py`, one run per split, results in
-    `OUT/<model>/<task>/seed<k>/`).
-  * The screening split is also the *option-selection* split: `--selection` runs `--methods` on it (into
-    `OUT/<model>/<task>/select-seed100/`, report in `OUT/selection/`). Choose options there; report them on the
-    seeds. Seed 100 is never a reported seed.
-  * Per method, pooled over splits: accuracy, retained gain `(acc - zero) / (full - zero)`, agreement and mean JS to
-    `full` (per query, over the choices), kept KV share, build seconds, build / one full prefill (the `full` memory's
-    build in the same split), seconds per query; 95 % paired bootstrap intervals (queries resampled within their
-    split, `--bootstrap` resamples, seeded) for accuracy, the difference to `full`, the difference to `random` at the
-    same kept share (`random@LABEL` for a memory `LABEL` and for `X@LABEL`, `random@F` for `X@F`), and for a memory
-    `LABEL` the difference to every `X@LABEL`.
-  * Methods: `--methods` (default: the suite below; `--quick` a short list). `default` is the library's default
-    method (`build_memory` with no method argument); `--default-method NAME` says which registered method that is
-    expected to be (the report checks what the memories recorded).
+Each split runs in a working directory `OUT/<model>/<task>/<split>/` and, when it finishes, is folded into one JSON
+line of `OUT/records/<model>.jsonl.gz`; the report is regenerated from those records alone. Run it in pieces (a split
+on record is not rerun; `--force` reruns it; `--add` runs only the methods it lacks, `--add --redo` measures them
+again); the report is rebuilt after each split and with `--report-only`:
 
-Run it in pieces (a split whose `results.json` exists is not rerun; `--force` reruns it; `--add` runs only the methods
-it lacks, with the memories they need, and adds them to it), the report is rebuilt from every split on disk after
-each split and with `--report-only`:
-
-    python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 0,1          # a first piece
-    python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 2,3          # more of it
+    python examples/benchmark.py --models smollm2-135m --tasks iris --seeds 1,2          # a first piece
     python examples/benchmark.py --models gemma3-270m --quick                             # short method list
-    python examples/benchmark.py --selection --models smollm2-135m --tasks iris \\
+    python examples/benchmark.py --selection --models smollm2-135m --tasks iris \
         --methods "zero-shot,full,emloc,emloc[probe=future;protect=extra],random@emloc"  # choose options on seed 100
     python examples/benchmark.py --models smollm2-135m --seeds 1,2 --quick --add          # new methods on old splits
     python examples/benchmark.py --models gemma3-270m --tasks iris --add --redo --methods "default,random@default"
-                                                                      # measured again, the old records kept aside
-    python examples/benchmark.py --report-only                                            # report.md, results.json, plots
-    python examples/benchmark.py --report-only --scaling                                  # only the scaling figures
+    python examples/benchmark.py --report-only                     # report.md, results.json, headline.md, plots
     python examples/benchmark.py --report-only --scaling --scaling-sizes 720 --scaling-methods default  # one more point
-    make bench BENCH_ARGS="--models smollm2-135m --quick"
 
-The kvpress presses need the side venv (`make kvpress`); without it they are left out (the run says so). kvpress
-0.5.5 refuses KVzip on Gemma 3: those rows read "failed: ... not supported for Gemma3ForCausalLM". A method that
-fails on a split is recorded there and pooled over the splits where it ran (marked `*`).
-
-Scaling (issue 10, `--scaling`): build seconds, build ÷ the `full` prefill of the same size, peak resident memory
-during the build over the loaded model's, kept KV and seconds per query, for `--scaling-methods` (full, the paper's
-rule, the default) at `--scaling-sizes` demonstrations (45, 180, 720) of `--scaling-task`, each build in a fresh
-process; each record lands in `OUT/scaling.json` as soon as it is measured (a rerun replaces it), then `scaling.png`.
-
-Outputs: `OUT/report.md` (per model a table per task, differences, cost; a summary table for the README; targets of
-issue 9 for `default`), `OUT/results.json` (pooled numbers, intervals, pointers to every split), and per model
-`OUT/accuracy_vs_kept_<model>.png` (accuracy against kept KV per task, 95 % intervals as error bars).
-`--models` also takes an Emloc repo directory (e.g. a tiny one from `examples/tiny_models.py`, for a smoke run).
+Outputs: `OUT/report.md` (per model a table per task, differences, cost; a summary; the targets of issue 9 for
+`default`), `OUT/results.json` (pooled numbers and intervals), `OUT/headline.md` (the README's table, between its
+`<!-- headline:start -->` and `<!-- headline:end -->` markers), per model `OUT/accuracy_vs_kept_<model>.png`, the
+option-selection report in `OUT/selection/`, and the scaling records and figure (`OUT/scaling.json`, `scaling.png`).
+The kvpress presses need the side venv (`make kvpress`); without it they are left out (the run says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
+import gzip
+import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -121,13 +93,17 @@ def queries_per_split(task: str, demos: int, max_queries: int) -> int:
 
 def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: int, queries: int,
               force: bool = False, add: bool = False, redo: bool = False) -> dict:
-    """One seeded split: its demonstrations and queries, every method on them (`evaluate_memory`), into `out`.
-    A split whose `results.json` exists is read back, not rerun (unless `force`); with `add`, the methods it lacks are
-    run on its demonstrations and queries and added to it (`add_methods`); with `redo` as well, `methods` it has are
-    measured again, their records replaced (the old ones kept under `replaced`)."""
-    results_path = out / "results.json"
-    if results_path.exists() and not force:
-        results = json.loads(results_path.read_text())
+    """One seeded split: its demonstrations and queries, every method on them (`evaluate_memory`), run in the working
+    directory `out` (`OUT/<model>/<task>/<split>`) and folded into the model's records (`fold_split`). A split on
+    record is not rerun (unless `force`); with `add`, the methods it lacks are run on its demonstrations and queries
+    and added to it (`add_methods`); with `redo` as well, `methods` it has are measured again, their records replaced
+    (the labels and dates of the old ones kept under `replaced`). A split the records lack whose `results.json` is in
+    the working directory (a run stopped before folding) is folded, not rerun."""
+    record = find_record(out)
+    if record is None and (out / "results.json").exists() and not force:
+        record = fold_split(out)
+    if record is not None and not force:
+        results = record
         if redo and add:
             for label in evaluate_memory.split_methods(methods):
                 if label in results["methods"]:
@@ -135,9 +111,11 @@ def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: 
                                                                "date": datetime.date.today().isoformat()})
         missing = [m for m in evaluate_memory.split_methods(methods) if m not in results["methods"]]
         if missing and add:
-            return add_methods(model, task, out, results, missing)
+            materialise_split(out, results)
+            add_methods(model, task, out, results, missing)
+            return fold_split(out)
         note = f"; without {', '.join(missing)} (rerun with --force, or --add, to add them)" if missing else ""
-        print(f"[skip] {out} exists{note}", flush=True)
+        print(f"[skip] {out} is on record{note}", flush=True)
         return results
     demo_rows, query_rows = make_task(task, demos, queries, seed=seed)
     write_jsonl(demo_rows, out / "demos.jsonl")
@@ -145,10 +123,10 @@ def run_split(model: str, task: str, seed: int, methods: str, out: Path, demos: 
     (out / "split.json").write_text(json.dumps({"model": model, "task": task, "seed": seed, "num_demos": demos,
                                                 "num_queries": queries, "methods": methods}, indent=2) + "\n")
     started = time.perf_counter()
-    results = evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
-                                    str(out / "queries.jsonl"), "--methods", methods, "--out", str(out), "--task", task])
+    evaluate_memory.main(["--model", model, "--demos", str(out / "demos.jsonl"), "--queries",
+                          str(out / "queries.jsonl"), "--methods", methods, "--out", str(out), "--task", task])
     print(f"[split] {out} done in {time.perf_counter() - started:.0f} s", flush=True)
-    return results
+    return fold_split(out)
 
 
 def add_methods(model: str, task: str, out: Path, results: dict, missing: list[str]) -> dict:
@@ -188,16 +166,153 @@ def add_methods(model: str, task: str, out: Path, results: dict, missing: list[s
     return results
 
 
-def same_run_methods(split_dir: Path, results: dict) -> dict:
+def same_run_methods(results: dict) -> dict:
     """For each method of a split, the records of the run that measured it (the split's own, or the `--add` run that
-    added it): its build and latency are compared with that run's `full` and `zero-shot` only."""
+    added it, whose `zero-shot` and `full` the split's record keeps as `references`): its build and latency are
+    compared with that run's `full` and `zero-shot` only."""
     runs = {label: results["methods"] for label in results["methods"]}
-    for number, added in enumerate(results.get("added", [])):
-        path = split_dir / added.get("dir", "added") / "results.json"
-        if path.exists():
-            methods = json.loads(path.read_text())["methods"]
-            runs.update({label: methods for label in added["methods"]})
+    for added in results.get("added", []):
+        if "references" in added:
+            runs.update({label: added["references"] for label in added["methods"]})
     return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records: one line per split, what the report is regenerated from
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+RECORDS = "records"  # OUT/records/<model>.jsonl.gz
+SPLIT_NAME = re.compile(r"(?:screen-|select-)?seed(\d+)")  # a split's working directory: seed1, screen-seed100, ...
+# per-split aggregates the report recomputes query by query from the predictions and choice scores it keeps
+PER_SPLIT_AGGREGATES = ("exact_match", "agreement", "mean_js")
+# a memory's kept tokens per layer and per token type: drawn in each split's own plots only
+PER_SPLIT_PLOTTED = ("layers", "token_types")
+# what the report reads of an `--add` run's own references: build ÷ prefill and s/query ÷ zero-shot of the methods it
+# added are measured against that run's `full` and `zero-shot` (`same_run_methods`)
+RUN_REFERENCES = {"full": "build_seconds", "zero-shot": "query_seconds_mean"}
+
+
+def records_path(out: Path, model: str) -> Path:
+    """The records of `model` (a `model_key`) under the benchmark directory `out`."""
+    return out / RECORDS / f"{model}.jsonl.gz"
+
+
+def read_records(path: Path) -> list[dict]:
+    """The split records of one model's file, in file order (by task, then split name); none if there is no file."""
+    if not path.exists():
+        return []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """One JSON line per split, sorted by task and split name, gzip without a timestamp: the same records give the
+    same bytes. Written beside and renamed over, so a reader never sees half a file."""
+    text = "".join(json.dumps(record, separators=(",", ":")) + "\n"
+                   for record in sorted(records, key=lambda r: (r["task"], r["split"])))
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as handle:
+        handle.write(text.encode("utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(buffer.getvalue())
+    partial.replace(path)
+
+
+@contextlib.contextmanager
+def _records_lock(path: Path):
+    """Holds a lock on `path`'s directory: two runs of one model (different tasks) fold their splits one after the
+    other, and no lock file is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def split_record(split_dir: Path) -> dict:
+    """The record of a split's working directory `OUT/<model>/<task>/<split>`: its `results.json` (as
+    `evaluate_memory` wrote it) less the per-split aggregates and per-layer counts the report does not read, the
+    replaced records reduced to their labels and dates, and for each `--add` run the `zero-shot` and `full` numbers
+    its methods are compared with (`references`; a run whose directory is gone keeps the ones on record)."""
+    results = json.loads((split_dir / "results.json").read_text())
+    match = SPLIT_NAME.fullmatch(split_dir.name)
+    if match is None:
+        raise ValueError(f"{split_dir}: not a split directory (expected seedN, screen-seedN or select-seedN)")
+    answers = results.get("answers")
+    if answers is None:  # recorded before `evaluate_memory` kept them
+        answers = [row["answer"] for row in evaluate_memory.read_jsonl(split_dir / "queries.jsonl")]
+    methods = {}
+    for label, record in results["methods"].items():
+        record = {key: value for key, value in record.items() if key not in PER_SPLIT_AGGREGATES}
+        if "memory_stats" in record:
+            record["memory_stats"] = {k: v for k, v in record["memory_stats"].items() if k not in PER_SPLIT_PLOTTED}
+        methods[label] = record
+    added = []
+    for entry in results.get("added", []):
+        entry = dict(entry)
+        run_path = split_dir / entry.get("dir", "added") / "results.json"
+        if run_path.exists():
+            run = json.loads(run_path.read_text())["methods"]
+            entry["references"] = {label: {key: run[label][key]} for label, key in RUN_REFERENCES.items()
+                                   if key in run.get(label, {})}
+        added.append(entry)
+    facts = {key: value for key, value in results.items()
+             if key not in ("task", "split", "seed", "task_rows", "methods", "answers", "added", "replaced")}
+    record = {"task": split_dir.parent.name, "split": split_dir.name, "seed": int(match.group(1)), **facts,
+              "answers": answers, "methods": methods}
+    rows = _rows(record["task"])
+    if rows is not None:  # the report's row count, from the record: regenerating it needs no task data
+        record["task_rows"] = rows
+    if added:
+        record["added"] = added
+    if results.get("replaced"):
+        record["replaced"] = [{"label": r["label"], "date": r.get("date")} for r in results["replaced"]]
+    return record
+
+
+def find_record(split_dir: Path) -> dict | None:
+    """The record of the split whose working directory is `split_dir`, if its model's records have it."""
+    model, task = split_dir.parent.parent.name, split_dir.parent.name
+    return next((r for r in read_records(records_path(split_dir.parents[2], model))
+                 if r["task"] == task and r["split"] == split_dir.name), None)
+
+
+def fold_split(split_dir: Path) -> dict:
+    """Writes the record of the split measured in `split_dir` into its model's records, replacing the split's earlier
+    record; returns it."""
+    record = split_record(split_dir)
+    path = records_path(split_dir.parents[2], split_dir.parent.parent.name)
+    with _records_lock(path):
+        others = [r for r in read_records(path) if (r["task"], r["split"]) != (record["task"], record["split"])]
+        write_records(path, [*others, record])
+    return record
+
+
+def fold_splits(out: Path) -> list[Path]:
+    """Folds every split working directory under `out` (`OUT/<model>/<task>/<split>/results.json`) into the records;
+    returns the directories folded."""
+    folded = []
+    for results_path in sorted(out.glob("*/*/*/results.json")):
+        if SPLIT_NAME.fullmatch(results_path.parent.name):
+            fold_split(results_path.parent)
+            folded.append(results_path.parent)
+    return folded
+
+
+def materialise_split(split_dir: Path, record: dict) -> None:
+    """The working directory of a split on record, for `--add`: its demonstrations and queries, drawn again from the
+    task and seed (`make_task` gives the same rows, byte for byte), and its `results.json` from the record."""
+    demos, queries = make_task(record["task"], record["num_demos"], record["num_queries"], seed=record["seed"])
+    if [q["answer"] for q in queries] != record["answers"]:
+        raise SystemExit(f"{split_dir}: the task {record['task']!r} draws other queries for seed {record['seed']} than "
+                         f"the split on record (its data changed?); rerun the split with --force")
+    write_jsonl(demos, split_dir / "demos.jsonl")
+    write_jsonl(queries, split_dir / "queries.jsonl")
+    (split_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def screen_verdict(results: dict | None, min_gain: float, keep: bool = False) -> dict:
@@ -278,12 +393,6 @@ def rices_comparator(label: str) -> str | None:
     """RICES with the same number of demonstrations as a retrieval label (`default+retrieve@8` → `rices[k=8]`)."""
     match = re.search(r"\+retrieve@(\d+)$", label)
     return f"rices[k={match.group(1)}]" if match else None
-
-
-def load_answers(split_dir: Path, results: dict) -> list[str]:
-    if "answers" in results:
-        return results["answers"]
-    return [json.loads(line)["answer"] for line in (split_dir / "queries.jsonl").read_text().splitlines() if line.strip()]
 
 
 def per_query(results: dict, answers: list[str]) -> dict:
@@ -410,8 +519,8 @@ def pool_task(splits: list[dict], labels: list[str], resamples: int, seed: int) 
 
 
 def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> dict:
-    """Means over tasks (each task weighs the same), with intervals for accuracy and the differences to `full` and to
-    `random` at the same share (queries resampled within their task and split)."""
+    """Means over tasks (each task weighs the same), with intervals for accuracy, the retained gain (per task, then
+    averaged) and the differences to `full` and to `random` at the same share (queries resampled within their split)."""
     kept_tasks = [t for t, entry in tasks.items() if entry.get("splits_data")]
     task_queries = {t: sum(s["num_queries"] for s in tasks[t]["splits_data"]) for t in kept_tasks}
     # only methods measured on every split of every task: a task's queries weigh 1 / (its queries) in the mean, so a
@@ -427,7 +536,13 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
                               for t in kept_tasks for s in tasks[t]["splits_data"]])
     contrasts = {(l, references(l)[1]) for l in complete if l != references(l)[1] and references(l)[1] in complete}
     contrasts |= {(l, random_comparator(l)) for l in complete if random_comparator(l) in complete}
-    boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, weights=weights, resamples=resamples, seed=seed)
+    # the retained gain's interval: per task, then the mean over tasks, as the summary's retained gain is computed
+    gain_triples = [(l, *references(l)) for l in complete
+                    if l not in references(l) and set(references(l)) <= set(complete)]
+    task_of_query = np.concatenate([np.full(s["num_queries"], i) for i, t in enumerate(kept_tasks)
+                                    for s in tasks[t]["splits_data"]])
+    boot = paired_bootstrap(correct, sorted(contrasts), groups=groups, weights=weights, resamples=resamples, seed=seed,
+                            gains=gain_triples, gain_groups=task_of_query)
     summary = {}
     for label in complete:
         per_task = [tasks[t]["methods"][label] for t in kept_tasks]
@@ -437,6 +552,8 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
                     ("agreement", "mean_js", "kept_ratio", "build_seconds", "build_over_full_prefill", "query_seconds_mean",
                      "query_over_zero_shot")},
                  "retained_gain": _mean(gains) if all(g is not None for g in gains) else None}
+        if label in boot["gain"]:
+            entry["retained_gain_interval"] = boot["gain"][label]
         if (label, references(label)[1]) in contrasts:
             entry["vs_full"] = boot["diff"][f"{label}-{references(label)[1]}"]
         comparator = random_comparator(label)
@@ -449,36 +566,35 @@ def pool_summary(tasks: dict, labels: list[str], resamples: int, seed: int) -> d
 def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | None = None,
             preferred: list[str] | None = None, resamples: int = 2000, boot_seed: int = 0,
             screen_seed: int = SCREEN_SEED, keep: frozenset[str] = frozenset()) -> dict:
-    """Everything on disk under `out/<model>/<task>/`: screening verdicts and pooled splits (`<split_prefix><seed>`);
+    """Everything on record under `out/records/`: screening verdicts and pooled splits (`<split_prefix><seed>`);
     `keep` names `model/task` pairs reported whatever their screening split shows."""
     models = {}
-    for model_dir in sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []:
+    for path in sorted((out / RECORDS).glob("*.jsonl.gz")):
+        model = path.name[:-len(".jsonl.gz")]
+        by_task: dict[str, dict[str, dict]] = {}
+        for record in read_records(path):
+            by_task.setdefault(record["task"], {})[record["split"]] = record
         tasks = {}
-        for task_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            screen_path = task_dir / f"screen-seed{screen_seed}" / "results.json"
-            screen = screen_verdict(json.loads(screen_path.read_text()) if screen_path.exists() else None, min_gain,
-                                    keep=f"{model_dir.name}/{task_dir.name}" in keep)
+        for task, on_record in sorted(by_task.items()):
+            screen = screen_verdict(on_record.get(f"screen-seed{screen_seed}"), min_gain,
+                                    keep=f"{model}/{task}" in keep)
             splits = []
-            for split_dir in sorted(task_dir.glob(f"{split_prefix}*"), key=lambda p: p.name):
-                match = re.fullmatch(rf"{re.escape(split_prefix)}(\d+)", split_dir.name)
-                if not match or not (split_dir / "results.json").exists():
+            for name, results in sorted(on_record.items()):
+                match = re.fullmatch(rf"{re.escape(split_prefix)}(\d+)", name)
+                if not match or (seeds is not None and int(match.group(1)) not in seeds):
                     continue
-                seed = int(match.group(1))
-                if seeds is not None and seed not in seeds:
-                    continue
-                results = json.loads((split_dir / "results.json").read_text())
-                answers = load_answers(split_dir, results)
-                splits.append({"seed": seed, "dir": split_dir.relative_to(out).as_posix(), "results": results,
-                               "num_queries": len(answers), "per_query": per_query(results, answers),
-                               "runs": same_run_methods(split_dir, results)})
+                splits.append({"seed": int(match.group(1)), "dir": f"{model}/{task}/{name}", "results": results,
+                               "record": path.relative_to(out).as_posix(), "num_queries": len(results["answers"]),
+                               "per_query": per_query(results, results["answers"]), "runs": same_run_methods(results)})
             if not splits and screen["verdict"] == "not screened":
                 continue
             if split_prefix == "seed" and not screen["kept"]:
                 splits_for_report = []  # a task without a many-shot gain is listed, not reported
             else:
                 splits_for_report = splits
-            entry = {"screen": screen, "rows": _rows(task_dir.name), "splits_data": splits_for_report,
-                     "splits": [{"seed": s["seed"], "dir": s["dir"], "results": f"{s['dir']}/results.json",
+            rows = next((r["task_rows"] for r in on_record.values() if "task_rows" in r), None)
+            entry = {"screen": screen, "rows": _rows(task) if rows is None else rows, "splits_data": splits_for_report,
+                     "splits": [{"seed": s["seed"], "dir": s["dir"], "record": s["record"],
                                  "num_queries": s["num_queries"], "num_demos": s["results"].get("num_demos"),
                                  "failed": {m: r["error"] for m, r in s["results"]["methods"].items() if "error" in r}}
                                 for s in splits_for_report],
@@ -487,19 +603,19 @@ def collect(out: Path, split_prefix: str, min_gain: float, seeds: set[int] | Non
                 labels = ordered_methods(splits_for_report, preferred)
                 entry["methods"] = pool_task(splits_for_report, labels, resamples, boot_seed)
                 entry["num_queries"] = sum(s["num_queries"] for s in splits_for_report)
-            tasks[task_dir.name] = entry
+            tasks[task] = entry
         if tasks:
             labels = []
             for entry in tasks.values():
                 labels += [l for l in entry["methods"] if l not in labels]
-            models[model_dir.name] = {"tasks": tasks, "summary": pool_summary(tasks, labels, resamples, boot_seed),
-                                      "methods": labels}
+            models[model] = {"tasks": tasks, "summary": pool_summary(tasks, labels, resamples, boot_seed),
+                             "methods": labels}
     return models
 
 
 def _rows(task: str) -> int | None:
-    """The task's row count for the report, or None where the task is unknown here or its data is not installed
-    (`--report-only` reads the splits on disk and must not need fashion_text's Debian package)."""
+    """The task's row count, or None where the task is unknown here or its data is not installed (`--report-only`
+    takes it from the records where they have it, and must not need fashion_text's Debian package)."""
     try:
         return task_rows(task)
     except (ValueError, FileNotFoundError):
@@ -535,11 +651,14 @@ _WHOLE_CONTEXT_NOTE = (" `†`: on some splits the memory was recorded before `d
                        "re-measured the readable share was higher).")
 
 
-def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", scaling: list | None = None) -> None:
+def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", scaling: list | None = None,
+                 root: Path | None = None) -> None:
+    """`out/report.md`, `out/results.json` and a plot per model; the splits' records are linked relative to `out` from
+    the benchmark directory `root` (default: `out`)."""
     machines = sorted({s["results"].get("machine", "?") for m in models.values() for t in m["tasks"].values()
                        for s in t["splits_data"]})
     lines = [f"# {title}", "",
-             f"Generated {datetime.date.today().isoformat()} from the splits on disk. Machine: {'; '.join(machines) or '-'}.",
+             f"Generated {datetime.date.today().isoformat()} from the split records. Machine: {'; '.join(machines) or '-'}.",
              "",
              f"Protocol: {args.demos} demonstrations per split, plain rendering, queries scored by their choices; a task "
              f"is kept for a model if the full context beats zero-shot by at least {args.min_gain:.0%} on the "
@@ -679,13 +798,16 @@ def write_report(out: Path, models: dict, args, title: str = "emloc benchmark", 
                   "| targets |",
                   "|---|---|---|---|---|---|---|---|", *target_rows, ""]
     # -- splits
+    def link(record: str) -> str:
+        return Path(os.path.relpath((root or out) / record, out)).as_posix()
+
     lines += ["## Splits", "", "| model | task | seed | demos | queries | results | failed methods |", "|---|---|---|---|---|---|---|"]
     for model, data in models.items():
         for task, entry in data["tasks"].items():
             for split in entry["splits"]:
                 failed = "; ".join(f"`{m}`: {_short(e)}" for m, e in split["failed"].items()) or "-"
                 lines.append(f"| {model} | {task} | {split['seed']} | {split['num_demos']} | {split['num_queries']} | "
-                             f"[{split['dir']}]({split['results']}) | {failed} |")
+                             f"[{split['dir']}]({link(split['record'])}) | {failed} |")
     lines.append("")
     if scaling:
         lines += ["## Scaling (one task, each build in a fresh process)", "",
@@ -790,6 +912,75 @@ def plot_model(out: Path, model: str, data: dict) -> Path | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Headline: the README's table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+BEST_PRESS = "best press@default"  # the kvpress press at the default's kept share with the highest retained gain
+# (label or BEST_PRESS, shown for every model (a row that is not on record says so) or only where on record)
+HEADLINE_ROWS = (("zero-shot", True), ("full", True), ("default", True), ("default+calibrate", True), ("emloc", True),
+                 (BEST_PRESS, True), ("default+retrieve@8", True), ("rices[k=8]", False), ("lora", False))
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def headline_label(summary: dict, row: str) -> str | None:
+    """The summary label a headline row shows: the label itself; for `lora` the first LoRA label; for `BEST_PRESS`
+    the press `X@default` (as scored) with the highest retained gain. None where the summary has none."""
+    if row == BEST_PRESS:
+        presses = [label for label, entry in summary.items() if entry.get("retained_gain") is not None
+                   and re.fullmatch(rf"({'|'.join(evaluate_memory.KVPRESS_PRESSES)})@default", label)]
+        return max(presses, key=lambda label: summary[label]["retained_gain"]) if presses else None
+    if row == "lora":
+        return next((label for label in summary if method_family(label) == "lora"), None)
+    return row if row in summary else None
+
+
+def headline_table(models: dict) -> str:
+    """The README's headline table (markdown): per model, the rows of `HEADLINE_ROWS` from its summary (means over
+    its reported tasks): accuracy, retained gain with its 95 % interval, kept KV share, build ÷ one full prefill.
+    `models` is `collect`'s result or the `models` of `results.json`."""
+    order = [m for m in MODELS if m in models] + [m for m in models if m not in MODELS]
+    lines = ["| model | method | accuracy | retained gain [95 % CI] | kept KV | build ÷ full prefill |",
+             "|---|---|---|---|---|---|"]
+    pools = []  # per model, the tasks and queries its means are over
+    for model in order:
+        summary = models[model]["summary"]
+        if not summary:
+            continue
+        name = MODEL_NAMES.get(model, model)
+        tasks = next(iter(summary.values()))["tasks"]
+        queries = sum(models[model]["tasks"][t]["num_queries"] for t in tasks)
+        pools.append(f"{name}: {', '.join(tasks)} ({queries} queries)")
+        for row, always in HEADLINE_ROWS:
+            label = headline_label(summary, row)
+            if label is None:
+                if always:
+                    shown = "a kvpress press at the default's share" if row == BEST_PRESS else f"`{row}`"
+                    lines.append(f"| {name} | {shown} | not measured on every reported split | | | |")
+                    name = ""
+                continue
+            entry = summary[label]
+            interval = entry.get("retained_gain_interval") or {}
+            gain = "-" if interval.get("estimate") is None else \
+                f"{interval['estimate']:.0%} [{interval['low']:.0%}, {interval['high']:.0%}]"
+            built = entry.get("build_over_full_prefill") if entry.get("build_seconds") else None  # zero-shot, RICES: none
+            lines.append(f"| {name} | `{label}` | {_num(entry['accuracy'].get('estimate'))} | {gain} | "
+                         f"{_pct(entry.get('kept_ratio'))} | {_num(built, '{:.1f}×')} |")
+            name = ""
+    notes = (f"Means over each model's reported tasks, each weighing the same ({'; '.join(pools)}). Retained gain = "
+             "(accuracy − zero-shot) / (full − zero-shot) per task, then averaged (`+calibrate`: against the calibrated "
+             "zero-shot and full context), with its 95 % paired bootstrap interval (queries resampled within their "
+             "split). Kept KV: the memory's share of the full context's KV cache. Build ÷ full prefill: the build's "
+             "time over the full context's prefill in the same run. `default`: `build_memory(demos)`, scored as is; "
+             "`+calibrate`: `score_choices(calibrate=True)`; `emloc`: the paper's rule; `X@default`: the best kvpress "
+             "press measured at the default's kept share; `+retrieve@8`: each query reads its 8 nearest "
+             "demonstrations in the memory. Generated by `examples/benchmark.py --report-only` from "
+             "`benchmarks/records/`; every number, per task, in `benchmarks/report.md`.")
+    lines += ["", textwrap.fill(notes, width=120, break_long_words=False, break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -916,17 +1107,25 @@ def plot_scaling(out: Path, scaling: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def method_list(args) -> list[str]:
+def requested_methods(args) -> list[str]:
+    """`--methods` (default: the suite, or `--quick`'s list), with `zero-shot` and `full` first where missing: the
+    methods to run, and the order of the report's rows whatever this machine can run."""
     methods = evaluate_memory.split_methods(args.methods) if args.methods else list(QUICK if args.quick else SUITE)
+    for required in ("zero-shot", "full"):  # retained gain and fidelity need both
+        if required not in methods:
+            methods.insert(0 if required == "zero-shot" else 1, required)
+    return methods
+
+
+def method_list(args) -> list[str]:
+    """The requested methods this machine can run: without the kvpress side venv, no press."""
+    methods = requested_methods(args)
     if not evaluate_memory.KVPRESS_PYTHON.exists():
         presses = [m for m in methods if evaluate_memory.parse_methods(m)[0].name in evaluate_memory.KVPRESS_PRESSES]
         if presses:
             print(f"[note] no kvpress side venv ({evaluate_memory.KVPRESS_PYTHON}; `make kvpress`): skipping "
                   f"{', '.join(presses)}", flush=True)
             methods = [m for m in methods if m not in presses]
-    for required in ("zero-shot", "full"):  # retained gain and fidelity need both
-        if required not in methods:
-            methods.insert(0 if required == "zero-shot" else 1, required)
     return methods
 
 
@@ -950,7 +1149,7 @@ def parse_args(argv=None):
     parser.add_argument("--selection", action="store_true",
                         help="run --methods on the option-selection split (the screening seed) instead of --seeds; "
                              "report in OUT/selection/")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the splits on disk")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the split records")
     parser.add_argument("--force", action="store_true", help="rerun splits whose results.json exists")
     parser.add_argument("--add", action="store_true",
                         help="run only the methods an existing split lacks (with what they need) and add them to it")
@@ -986,20 +1185,23 @@ def report(args, out: Path, preferred: list[str] | None = None) -> None:
     models = collect(out, "seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
                      boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed, keep=args.keep_set)
     write_report(out, models, args, scaling=scaling)
-    selection = collect(out, f"select-seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
+    if any(data["summary"] for data in models.values()):
+        (out / "headline.md").write_text(headline_table(models))
+    selection = collect(out, "select-seed", args.min_gain, preferred=preferred, resamples=args.bootstrap,
                         boot_seed=args.bootstrap_seed, screen_seed=args.screen_seed, keep=args.keep_set)
     selection = {m: d for m, d in selection.items() if any(t["splits_data"] for t in d["tasks"].values())}
     if selection:
         write_report(out / "selection", selection, args,
-                     title=f"emloc option selection (split seed {args.screen_seed}; not a reported result)")
+                     title=f"emloc option selection (split seed {args.screen_seed}; not a reported result)", root=out)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = method_list(args)
+    order = requested_methods(args)  # the report's rows: the same with or without the kvpress side venv
     if not args.report_only:
+        methods = method_list(args)
         for model in [m for m in args.models.split(",") if m]:
             key = model_key(model)
             for task in [t for t in args.tasks.split(",") if t]:
@@ -1016,10 +1218,10 @@ def main(argv=None) -> dict:
                     for seed in args.seeds_list:
                         run_split(model, task, seed, ",".join(methods), task_dir / f"seed{seed}", args.demos, queries,
                                   args.force, args.add, args.redo)
-                        report(args, out, methods)
+                        report(args, out, order)
     if args.scaling:
         run_scaling(out, args.scaling_task, args.scaling_sizes_list, args.scaling_methods_list, model=args.scaling_model)
-    report(args, out, methods)
+    report(args, out, order)
     print(f"wrote {out / 'report.md'}", flush=True)
     return json.loads((out / "results.json").read_text())
 

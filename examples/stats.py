@@ -49,8 +49,8 @@ def _interval(point: float, samples: np.ndarray, level: float, n: int) -> dict:
 
 def paired_bootstrap(values: Mapping[str, Sequence[float]], contrasts: Sequence[tuple[str, str]] = (), *,
                      gains: Sequence[tuple[str, str, str]] = (), groups: Sequence | None = None,
-                     weights: Sequence[float] | None = None, resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     weights: Sequence[float] | None = None, gain_groups: Sequence | None = None,
+                     resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile bootstrap intervals for the mean of each series and for paired differences of means.
 
     Args:
@@ -62,6 +62,8 @@ def paired_bootstrap(values: Mapping[str, Sequence[float]], contrasts: Sequence[
             only where `high` beats `low` (NaN otherwise, in the estimate and in a resample).
         groups: `[n]` stratum of each query (its split); resampling keeps each stratum's size. Default: one stratum.
         weights: `[n]` weight of each query in the mean (default 1).
+        gain_groups: `[n]` where given, each gain is computed within each of these groups (e.g. a task) and averaged
+            over them, every group weighing the same (a mean of per-task retained gains); NaN where a group's gain is.
         resamples, seed, level: number of resamples, the generator's seed (same seed → same intervals), coverage.
 
     Returns:
@@ -91,19 +93,27 @@ def paired_bootstrap(values: Mapping[str, Sequence[float]], contrasts: Sequence[
     result = {"mean": {name: summary(series[name]) for name in names}, "diff": {}, "gain": {}}
     for a, b in contrasts:
         result["diff"][f"{a}-{b}"] = summary(series[a] - series[b])
+    gain_parts = [np.ones(n, dtype=bool)] if gain_groups is None else \
+        [np.asarray(gain_groups) == value for value in np.unique(np.asarray(gain_groups))]
+    if any(len(part) != n for part in gain_parts):
+        raise ValueError("paired_bootstrap: gain_groups needs one entry per query")
+
+    def gain(x_a, x_low, x_high, w):
+        def mean(x):
+            return (np.where(w > 0, x, 0.0) * w).sum(axis=-1) / np.maximum(w.sum(axis=-1), 1e-300)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top, bottom = mean(x_a) - mean(x_low), mean(x_high) - mean(x_low)
+            return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
+
     for a, low, high in gains:
         present = ~(np.isnan(series[a]) | np.isnan(series[low]) | np.isnan(series[high]))
-        w = np.where(present, weights, 0.0)
-
-        def gain(x_a, x_low, x_high, w):
-            def mean(x):
-                return (np.where(w > 0, x, 0.0) * w).sum(axis=-1) / np.maximum(w.sum(axis=-1), 1e-300)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                top, bottom = mean(x_a) - mean(x_low), mean(x_high) - mean(x_low)
-                return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
-
-        point = float(gain(series[a], series[low], series[high], w)) if present.any() else float("nan")
-        samples = gain(series[a][index], series[low][index], series[high][index], w[index])
+        # `w[index]`: the drawn queries' weights; a draw stays in its stratum (a split), which lies within one group (a
+        # task), so every group keeps its size in every resample
+        ws = [np.where(present & part, weights, 0.0) for part in gain_parts]
+        point = float(np.mean([gain(series[a], series[low], series[high], w) for w in ws])) if present.any() \
+            else float("nan")
+        samples = np.mean([gain(series[a][index], series[low][index], series[high][index], w[index]) for w in ws],
+                          axis=0)
         result["gain"][a] = _interval(point, np.atleast_1d(samples), level, int(present.sum()))
     return result
 

@@ -1,7 +1,9 @@
-"""The benchmark (examples/benchmark.py): pooling seeded splits, paired intervals, the report — on synthetic per-split
-`results.json` files — and a resumable smoke run on a tiny random model."""
+"""The benchmark (examples/benchmark.py): split records, pooling seeded splits, paired intervals, the report and its
+headline table — on synthetic per-split `results.json` files folded into records — and a resumable smoke run on a
+tiny random model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,15 +28,23 @@ def _method(rng, answers, accuracy, kept=None, build=1.0, memory_method=None):
 
 
 def _write_split(path, seed, n, methods, failed=()):
+    """A split as `evaluate_memory` leaves it in its working directory, folded into its model's records."""
     rng = np.random.default_rng(seed)
     answers = [CHOICES[i] for i in rng.integers(0, 3, n)]
     records = {label: _method(rng, answers, *spec) for label, spec in methods.items()}
     records.update({label: {"error": "RuntimeError: kvpress snapkv failed"} for label in failed})
     path.mkdir(parents=True)
-    (path / "results.json").write_text(json.dumps({"model": "m", "task": path.parent.name, "num_demos": 90,
-                                                   "num_queries": n, "machine": "test machine", "methods": records,
-                                                   "answers": answers}))
+    _rewrite(path, {"model": "m", "task": path.parent.name, "num_demos": 90, "num_queries": n,
+                    "machine": "test machine", "methods": records, "answers": answers})
     return records, answers
+
+
+def _rewrite(path, results):
+    """A split's `results.json` changed in its working directory, and folded again."""
+    import benchmark
+
+    (path / "results.json").write_text(json.dumps(results))
+    benchmark.fold_split(path)
 
 
 SUITE = {  # label: (accuracy, kept share, build seconds, recorded method)
@@ -57,11 +67,10 @@ def synthetic(tmp_path_factory):
     path = model / "iris" / "seed1" / "results.json"  # snapkv@default failed on seed 0, works on seed 1
     results = json.loads(path.read_text())
     results["methods"]["snapkv@default"] = _method(np.random.default_rng(5), results["answers"], 0.5, 0.2, 3.0)
-    path.write_text(json.dumps(results))
     splits[1][0]["snapkv@default"] = results["methods"]["snapkv@default"]
     # a press measured on every task, but on one of iris's two splits only: pooled per task, left out of the summary
     results["methods"]["tova@default"] = _method(np.random.default_rng(6), results["answers"], 0.55, 0.2, 3.0)
-    path.write_text(json.dumps(results))
+    _rewrite(path.parent, results)
     _write_split(model / "digits_text" / "screen-seed100", 101, 50, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
     _write_split(model / "digits_text" / "seed0", 7, 50, {**SUITE, "tova@default": (0.55, 0.2, 3.0)})
     _write_split(model / "wine" / "screen-seed100", 102, 50, {"zero-shot": (0.5, 0.0, 0.0), "full": (0.5, 1.0, 2.0)})
@@ -130,7 +139,7 @@ def test_dropped_tasks_summary_and_report(synthetic):
     report = (out / "report.md").read_text()
     for text in ("## Summary", "| SmolLM2-135M-Instruct | `default` |", "| wine | 178 | - |", "dropped: the full context gains",
                  "## Targets of issue 9 for `default`", "accuracy_vs_kept_smollm2-135m.png", "## Warnings",
-                 "smollm2-135m/iris: 120 pooled queries", "[smollm2-135m/iris/seed0](smollm2-135m/iris/seed0/results.json)"):
+                 "smollm2-135m/iris: 120 pooled queries", "[smollm2-135m/iris/seed0](records/smollm2-135m.jsonl.gz)"):
         assert text in report, text
     assert (out / "accuracy_vs_kept_smollm2-135m.png").stat().st_size > 10_000
     targets = report.split("## Targets of issue 9")[1].split("## Splits")[0]
@@ -140,6 +149,7 @@ def test_dropped_tasks_summary_and_report(synthetic):
     assert "`emloc`" not in targets and "`default[method=" not in targets
     selection = (out / "selection" / "report.md").read_text()
     assert "`emloc[probe=future]`" in selection and "not a reported result" in selection
+    assert "[smollm2-135m/iris/select-seed100](../records/smollm2-135m.jsonl.gz)" in selection
 
 
 def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
@@ -168,7 +178,8 @@ def test_keep_reports_a_task_its_screening_split_dropped(synthetic, tmp_path):
 
 
 def test_report_only_needs_no_task_data(synthetic, tmp_path, monkeypatch):
-    """`--report-only` reads the splits on disk: a task whose data is not installed here is reported without its rows."""
+    """`--report-only` reads the records: a task's row count is on record, so the report needs no task data; a task
+    without it on record whose data is not installed here is reported without its rows."""
     import shutil
 
     import benchmark
@@ -178,10 +189,37 @@ def test_report_only_needs_no_task_data(synthetic, tmp_path, monkeypatch):
 
     out = tmp_path / "bench"
     shutil.copytree(synthetic[0], out)
+    assert {r["task_rows"] for r in benchmark.read_records(benchmark.records_path(out, "smollm2-135m"))
+            if r["task"] == "iris"} == {150}  # folded where the data is installed
     monkeypatch.setattr(benchmark, "task_rows", data_not_installed)
+    saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+    assert saved["models"]["smollm2-135m"]["tasks"]["iris"]["rows"] == 150
+    assert "| smollm2-135m | iris | 150 | 60 |" in (out / "report.md").read_text()
+    path = benchmark.records_path(out, "smollm2-135m")  # records folded where the data was not installed
+    benchmark.write_records(path, [{k: v for k, v in r.items() if k != "task_rows"} for r in benchmark.read_records(path)])
     saved = benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
     assert saved["models"]["smollm2-135m"]["tasks"]["iris"]["rows"] is None
     assert "| smollm2-135m | iris | - | 60 |" in (out / "report.md").read_text()
+
+
+def test_the_report_is_the_same_with_or_without_the_kvpress_side_venv(synthetic, tmp_path, monkeypatch):
+    """The presses are left out of a run where kvpress is not set up, but not out of the report's row order: a clone
+    without the side venv regenerates the same report."""
+    import shutil
+    import sys
+
+    import benchmark
+    import evaluate_memory
+
+    reports = []
+    for kvpress in (Path(sys.executable), tmp_path / "no-kvpress" / "python"):
+        out = tmp_path / kvpress.parent.name
+        shutil.copytree(synthetic[0], out)
+        monkeypatch.setattr(evaluate_memory, "KVPRESS_PYTHON", kvpress)
+        benchmark.main(["--out", str(out), "--report-only", "--bootstrap", "300"])
+        reports.append((out / "report.md").read_text().split("\n", 3)[3])  # after the dated line
+    assert reports[0] == reports[1]
+    assert reports[0].index("| `kvzip@default` |") < reports[0].index("| `random@0.1` |")  # the suite's order
 
 
 def test_comparators_and_method_specs():
@@ -240,7 +278,10 @@ def test_calibrated_methods_are_measured_against_calibrated_references(tmp_path)
 
 
 def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
-    """Two seeded splits of a tiny random model: screening, splits, report; a second call reruns nothing."""
+    """Two seeded splits of a tiny random model: screening, splits, report; a second call reruns nothing; `--add` on a
+    split only the records hold draws its demonstrations and queries again, byte for byte, and adds to its record."""
+    import shutil
+
     import benchmark
     from tiny_models import build_tiny_emloc
 
@@ -256,19 +297,30 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     assert task["methods"]["default"]["vs_random"]["against"] == "random@default"
     assert task["methods"]["default"]["memory_method"] == ["emloc-query"]
     split = tmp_path / "bench" / "tiny-llama" / "iris" / "seed0"
-    recorded = json.loads((split / "results.json").read_text())
+    records = benchmark.records_path(tmp_path / "bench", "tiny-llama")
+
+    def on_record(name="seed0"):
+        return next(r for r in benchmark.read_records(records) if r["split"] == name)
+
+    recorded = on_record()
+    assert recorded["answers"] == [json.loads(line)["answer"] for line in (split / "queries.jsonl").read_text().splitlines()]
     assert recorded["methods"]["emloc[ratios=0.1/0.5]"]["memory_stats"]["method"]["params"]["ratios"] == [0.1, 0.5]
     assert recorded["methods"]["random@default"]["kept_ratio"] == pytest.approx(
         recorded["methods"]["default"]["kept_ratio"], abs=0.05)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "bench").rglob("results.json") if "seed" in p.parent.name}
+    before[records] = records.stat().st_mtime_ns
     benchmark.main(args)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert "tiny-llama" in (tmp_path / "bench" / "report.md").read_text()
-    # --add runs only what a split lacks (retrieval inside the memories here) and keeps the records it had
+    # --add runs only what a split lacks (retrieval inside the memories here) and keeps the records it had; the split's
+    # working directory is gone (a fresh clone): its demonstrations and queries are drawn again from the task and seed
+    drawn = {name: (split / name).read_bytes() for name in ("demos.jsonl", "queries.jsonl")}
+    shutil.rmtree(split)
     added = benchmark.main([*args[:args.index("--methods")], "--methods",
                             "zero-shot,full,default,random@default,full+retrieve@2,default+retrieve@2", "--add",
                             *args[args.index("--methods") + 2:]])
-    after = json.loads((split / "results.json").read_text())
+    assert {name: (split / name).read_bytes() for name in drawn} == drawn
+    after = on_record()
     assert after["methods"]["default"] == recorded["methods"]["default"]
     for label in ("full+retrieve@2", "default+retrieve@2"):
         assert after["methods"][label]["retrieve"] == 2 and len(after["methods"][label]["predictions"]) == 5
@@ -276,6 +328,7 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     assert after["added"][0]["methods"] == ["full+retrieve@2", "default+retrieve@2"]
     assert after["added"][0]["rebuilt"] == ["zero-shot", "full", "default"]
     assert (split / after["added"][0]["dir"] / "results.json").exists()
+    assert set(after["added"][0]["references"]) == {"zero-shot", "full"}  # what the added methods are measured against
     pooled = added["models"]["tiny-llama"]["tasks"]["iris"]["methods"]["default+retrieve@2"]
     assert pooled["query_over_zero_shot"] > 0 and pooled["build_over_full_prefill"] > 0  # against the same run's
     assert "s / query ÷ zero-shot" in (tmp_path / "bench" / "report.md").read_text()
@@ -283,7 +336,7 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     # a method that needs only another memory's kept share takes the recorded share: that memory is not rebuilt
     benchmark.main([*args[:args.index("--methods")], "--methods", "zero-shot,full,default,shots@default", "--add",
                     *args[args.index("--methods") + 2:]])
-    again = json.loads((split / "results.json").read_text())
+    again = on_record()
     assert again["added"][1]["rebuilt"] == ["zero-shot", "full"]
     assert again["added"][1]["shares"] == {"default": recorded["methods"]["default"]["kept_ratio"]}
     shots = again["methods"]["shots@default"]
@@ -292,9 +345,11 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
     # memory takes that memory's new share, not the recorded one
     benchmark.main([*args[:args.index("--methods")], "--methods", "default,random@default", "--add", "--redo",
                     *args[args.index("--methods") + 2:]])
-    redone = json.loads((split / "results.json").read_text())
-    replaced = {r["label"]: r["record"] for r in redone["replaced"]}
+    redone = on_record()
+    replaced = {r["label"]: r["record"] for r in json.loads((split / "results.json").read_text())["replaced"]}
     assert {"default", "random@default"} <= set(replaced) and replaced["default"] == again["methods"]["default"]
+    assert {r["label"] for r in redone["replaced"]} == set(replaced)  # the record keeps their labels and dates
+    assert all(set(r) == {"label", "date"} for r in redone["replaced"])
     assert redone["methods"]["default"]["predictions"] == again["methods"]["default"]["predictions"]
     assert redone["added"][-1]["shares"] == {} and {"default", "random@default"} <= set(redone["added"][-1]["methods"])
     assert redone["added"][-1]["rebuilt"] == []  # zero-shot and full are redone too, once
@@ -307,10 +362,9 @@ def test_smoke_run_on_a_tiny_model_is_resumable(tmp_path):
                                "--bootstrap", "200", *extra])
 
     select("zero-shot,full,default")
-    selection = tmp_path / "bench" / "tiny-llama" / "iris" / "select-seed100" / "results.json"
-    first = json.loads(selection.read_text())
+    first = on_record("select-seed100")
     select("zero-shot,full,default,random@0.25", "--add")
-    grown = json.loads(selection.read_text())
+    grown = on_record("select-seed100")
     assert grown["methods"]["default"] == first["methods"]["default"] and "random@0.25" in grown["methods"]
 
 
@@ -361,7 +415,7 @@ def test_a_share_recorded_over_the_whole_context_is_marked_where_the_model_has_s
         results["methods"]["emloc"]["memory_stats"]["totals"] = {"full_kv_bytes": 1000, "kept_kv_bytes": 150}
         results["methods"]["default"]["memory_stats"]["totals"] = {"full_kv_bytes": 1000, "kept_kv_bytes": 100,
                                                                    "readable_kv_bytes": readable}
-        (path / "results.json").write_text(json.dumps(results))
+        _rewrite(path, results)
     benchmark.main(["--out", str(tmp_path), "--report-only", "--bootstrap", "50"])
     saved = json.loads((tmp_path / "results.json").read_text())["models"]
     gemma = saved["gemma3-270m"]["tasks"]["iris"]["methods"]
@@ -371,3 +425,108 @@ def test_a_share_recorded_over_the_whole_context_is_marked_where_the_model_has_s
     gemma_table = report.split("## Gemma 3 270M")[1].split("## SmolLM2")[0]
     assert "15.0%†" in gemma_table and "20.0%†" not in gemma_table
     assert "†" not in report.split("## SmolLM2-135M-Instruct (")[1].split("## Targets")[0]
+
+
+def test_a_split_folds_into_one_record_line_and_the_report_needs_nothing_else(tmp_path):
+    """split → record → report: the record keeps the per-query predictions and scores, the costs, the split's facts
+    and each `--add` run's own references; it drops the per-split aggregates and plots; the same split gives the same
+    bytes; the report regenerated from the records alone, working directories gone, has the same numbers."""
+    import gzip
+    import shutil
+
+    import benchmark
+
+    model = tmp_path / "smollm2-135m"
+    _write_split(model / "iris" / "screen-seed100", 100, 30, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0)})
+    split = model / "iris" / "seed1"
+    records, answers = _write_split(split, 1, 30, {"zero-shot": (0.3, 0.0, 0.0), "full": (0.9, 1.0, 2.0),
+                                                   "default": (0.8, 0.2, 10.0, "emloc-query")})
+    results = json.loads((split / "results.json").read_text())
+    # as evaluate_memory writes them: per-split aggregates, per-layer counts; an --add run measured against its own
+    # full (a 4 s prefill, the split's own took 2 s) and zero-shot; a record replaced by --redo
+    results["methods"]["default"].update(agreement=0.9, mean_js=0.01, exact_match=0.8)
+    results["methods"]["default"]["memory_stats"].update(layers=[{"full": 10, "kept": 2}], totals={"kept_ratio": 0.2},
+                                                         token_types={"answer": {"full": 3, "kept": 3}})
+    results["methods"]["default+retrieve@2"] = _method(np.random.default_rng(3), answers, 0.85, 0.2, 12.0)
+    results["added"] = [{"methods": ["default+retrieve@2"], "rebuilt": ["zero-shot", "full", "default"],
+                         "dir": "added-0", "date": "2026-12-01"}]
+    results["replaced"] = [{"label": "default", "record": dict(results["methods"]["default"]), "date": "2026-12-02"}]
+    (split / "added-0").mkdir()
+    (split / "added-0" / "results.json").write_text(json.dumps({"methods": {
+        "zero-shot": {"query_seconds_mean": 0.05, "accuracy": 0.3}, "full": {"build_seconds": 4.0, "accuracy": 0.9}}}))
+    _rewrite(split, results)
+    path = benchmark.records_path(tmp_path, "smollm2-135m")
+    first = path.read_bytes()
+    assert gzip.decompress(first).count(b"\n") == 2 and first[4:8] == b"\0\0\0\0"  # two splits; no timestamp
+    benchmark.fold_split(split)
+    assert path.read_bytes() == first  # the same split, the same bytes
+    record = next(r for r in benchmark.read_records(path) if r["split"] == "seed1")
+    assert (record["task"], record["seed"], record["num_queries"], record["answers"]) == ("iris", 1, 30, answers)
+    default = record["methods"]["default"]
+    assert default["predictions"] == records["default"]["predictions"]
+    assert default["choice_logprobs"] == records["default"]["choice_logprobs"]
+    assert {"agreement", "mean_js", "exact_match"}.isdisjoint(default)
+    assert set(default["memory_stats"]) == {"method", "totals"}
+    assert record["added"][0]["references"] == {"zero-shot": {"query_seconds_mean": 0.05}, "full": {"build_seconds": 4.0}}
+    assert record["replaced"] == [{"label": "default", "date": "2026-12-02"}]
+
+    benchmark.main(["--out", str(tmp_path), "--report-only", "--bootstrap", "100"])
+    with_directories = (tmp_path / "results.json").read_text()
+    shutil.rmtree(model)
+    benchmark.main(["--out", str(tmp_path), "--report-only", "--bootstrap", "100"])
+    assert (tmp_path / "results.json").read_text() == with_directories
+    methods = json.loads(with_directories)["models"]["smollm2-135m"]["tasks"]["iris"]["methods"]
+    assert methods["default+retrieve@2"]["build_over_full_prefill"] == pytest.approx(12.0 / 4.0)  # its own run's full
+    assert methods["default+retrieve@2"]["query_over_zero_shot"] == pytest.approx(0.1 / 0.05)
+    assert methods["default"]["build_over_full_prefill"] == pytest.approx(10.0 / 2.0)
+    correct = np.equal(records["default"]["predictions"], answers)
+    assert methods["default"]["accuracy"]["estimate"] == pytest.approx(correct.mean())
+    top = [np.argmax(m) == np.argmax(f) for m, f in zip(records["default"]["choice_logprobs"],
+                                                         records["full"]["choice_logprobs"])]
+    assert methods["default"]["agreement"] == pytest.approx(np.mean(top))  # recomputed query by query
+
+
+def test_headline_table_shows_the_rows_a_user_compares(synthetic):
+    """`headline.md`: per model zero-shot, full, the default (as scored, calibrated), the paper's rule, the best press at
+    the default's share, retrieval — those not on record say so — with the retained gain's interval over tasks."""
+    import benchmark
+
+    out, _ = synthetic
+    headline = (out / "headline.md").read_text()
+    saved = json.loads((out / "results.json").read_text())["models"]
+    assert headline == benchmark.headline_table(saved)  # regenerated from results.json alone
+    rows = {line.split(" | ")[1]: line for line in headline.splitlines() if line.startswith("| ")}
+    summary = saved["smollm2-135m"]["summary"]
+    gain = summary["default"]["retained_gain_interval"]
+    assert gain["estimate"] == pytest.approx(summary["default"]["retained_gain"])  # the mean of the task gains
+    assert gain["low"] <= summary["default"]["retained_gain"] <= gain["high"]
+    assert rows["`zero-shot`"].startswith("| SmolLM2-135M-Instruct | `zero-shot` |")  # the model on its first row
+    assert rows["`default`"] == (f"|  | `default` | {summary['default']['accuracy']['estimate']:.3f} "
+                                 f"| {gain['estimate']:.0%} [{gain['low']:.0%}, {gain['high']:.0%}] | 20.0% | 5.0× |")
+    assert "`kvzip@default`" in rows and "| `emloc` |" in rows["`emloc`"]  # the only press on every split
+    assert rows["`default+calibrate`"].endswith("| not measured on every reported split | | | |")
+    assert rows["`zero-shot`"].endswith("| - | 0.0% | - |") and rows["`rices[k=8]`"].endswith("| 10.0% | - |")
+    assert "`lora[epochs=5;learning_rate=0.002]`" in rows and "`random@default`" not in rows
+    with_presses = {"snapkv@default": {"retained_gain": 0.5}, "kvzip@default": {"retained_gain": 0.8},
+                    "random@default": {"retained_gain": 0.9}, "kvzip@default+calibrate": {"retained_gain": 0.95},
+                    "snapkv@0.1": {"retained_gain": 0.99}, "lora[epochs=5]": {"retained_gain": 0.7}}
+    assert benchmark.headline_label(with_presses, benchmark.BEST_PRESS) == "kvzip@default"
+    assert benchmark.headline_label(with_presses, "lora") == "lora[epochs=5]"
+    assert benchmark.headline_label({"random@default": {"retained_gain": 0.9}}, benchmark.BEST_PRESS) is None
+
+
+def test_the_readme_embeds_the_generated_headline_table():
+    """The README's table between the headline markers is `benchmarks/headline.md`, which is what `--report-only`
+    generates from `benchmarks/results.json`."""
+    from pathlib import Path
+
+    import benchmark
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert readme.count(benchmark.HEADLINE_START) == 1 and readme.count(benchmark.HEADLINE_END) == 1
+    embedded = readme.split(benchmark.HEADLINE_START)[1].split(benchmark.HEADLINE_END)[0]
+    headline = (root / "benchmarks" / "headline.md").read_text()
+    assert embedded.strip("\n") == headline.strip("\n"), "README.md: paste benchmarks/headline.md between the markers"
+    models = json.loads((root / "benchmarks" / "results.json").read_text())["models"]
+    assert headline == benchmark.headline_table(models), "benchmarks/headline.md: run examples/benchmark.py --report-only"

@@ -87,3 +87,31 @@ def test_choice_js_matches_the_fidelity_metric_and_top_choice_takes_the_first_ti
     assert choice_js(np.log(p) + 3.0, np.log(q)) == pytest.approx(expected)  # log-scores are renormalised
     assert choice_js([0.0, -math.inf], [-math.inf, 0.0]) == pytest.approx(math.log(2))
     assert top_choice([-1.0, -0.5, -0.5]) == 1
+
+
+def test_a_gain_over_groups_is_the_mean_of_the_groups_gains_in_the_estimate_and_in_every_resample():
+    """`gain_groups`: the retained gain per group (task), then the mean over groups, each weighing the same — not the
+    gain of the pooled means, which a large task would dominate."""
+    sizes, seeds = (40, 120), iter(range(20, 40))  # two tasks; the second has three splits of 40
+    splits = np.concatenate([np.full(40, 0), np.full(40, 1), np.full(40, 2), np.full(40, 3)])
+    tasks = np.concatenate([np.full(sizes[0], 0), np.full(sizes[1], 1)])
+    zero = np.concatenate([_bernoulli(0.3, sizes[0], next(seeds)), _bernoulli(0.2, sizes[1], next(seeds))])
+    full = np.concatenate([_bernoulli(0.9, sizes[0], next(seeds)), _bernoulli(0.8, sizes[1], next(seeds))])
+    memory = np.concatenate([_bernoulli(0.8, sizes[0], next(seeds)), _bernoulli(0.4, sizes[1], next(seeds))])
+    weights = np.where(tasks == 0, 1 / sizes[0], 1 / sizes[1])
+    values = {"memory": memory, "zero": zero, "full": full}
+    result = paired_bootstrap(values, gains=[("memory", "zero", "full")], groups=splits, weights=weights,
+                              gain_groups=tasks, resamples=300, seed=5)["gain"]["memory"]
+
+    def gain(m, z, f):
+        return (m.mean() - z.mean()) / (f.mean() - z.mean())
+
+    per_task = [gain(memory[tasks == t], zero[tasks == t], full[tasks == t]) for t in (0, 1)]
+    assert result["estimate"] == pytest.approx(np.mean(per_task))
+    assert abs(np.mean(per_task) - gain(memory, zero, full)) > 0.05  # the pooled gain is another number
+    index = stratified_indices(splits, 300, np.random.default_rng(5))  # the same resamples, by hand
+    samples = [np.mean([gain(*(x[row][tasks[row] == t] for x in (memory, zero, full))) for t in (0, 1)])
+               for row in index]
+    assert [result["low"], result["high"]] == pytest.approx(np.quantile(samples, [0.025, 0.975]))
+    pooled = paired_bootstrap(values, gains=[("memory", "zero", "full")], groups=splits, resamples=300, seed=5)
+    assert pooled["gain"]["memory"]["estimate"] == pytest.approx(gain(memory, zero, full))
