@@ -183,7 +183,7 @@ class EmlocProcessor(ProcessorMixin):
         self.base_processor = base_processor
         self.template = template
         self.instruction = instruction
-        self.renderer = Renderer(base_processor, template, instruction)
+        self.renderer = Renderer(base_processor, template, instruction)  # the text: rendering and tokenising it
         if self.is_multimodal and template == "plain":
             raise ValueError("template='plain' is for text models; a vision-language base needs template='chat'")
         if template == "chat" and self._chat_template() is None:
@@ -253,11 +253,11 @@ class EmlocProcessor(ProcessorMixin):
 
     @property
     def tokenizer(self):
-        return getattr(self.base_processor, "tokenizer", self.base_processor)
+        return self.renderer.tokenizer
 
     @property
     def is_multimodal(self) -> bool:
-        return hasattr(self.base_processor, "image_processor")
+        return self.renderer.is_multimodal
 
     def _chat_template(self):
         return getattr(self.base_processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
