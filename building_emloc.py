@@ -32,13 +32,13 @@ try:  # loaded as remote code: transformers makes a package of the repository's 
     from .memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, readable_share, release_freed_memory
     from .processing_emloc import EmlocProcessor, EncodedSpan
     from .rendering_emloc import ANSWER, TOKEN_TYPE_NAMES
-    from .running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, memory_prefix, run_layers
+    from .running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, run_layers
 except ImportError:  # imported from the repository root as flat modules
     from cache_emloc import AttentionObserver, EmlocCache, smooth
     from memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, readable_share, release_freed_memory
     from processing_emloc import EmlocProcessor, EncodedSpan
     from rendering_emloc import ANSWER, TOKEN_TYPE_NAMES
-    from running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, memory_prefix, run_layers
+    from running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, run_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,21 +169,6 @@ def top_tokens(importance: torch.Tensor, ratio: float, must_keep: torch.Tensor) 
     scores = importance.float().masked_fill(must_keep[None], float("inf"))
     index = scores.topk(k, dim=-1, sorted=False).indices
     return index.sort(dim=-1).values
-
-
-@torch.no_grad()
-def answer_divergence(runner: MemoryRunner, memory: TaskMemory, reference: TaskMemory, rows: list[EncodedSpan],
-                      processor: EmlocProcessor) -> float:
-    """Mean JS between the answer distributions of demonstration rows placed after `memory` and after `reference`
-    (both must share `next_position`)."""
-    batch, predicting = answer_rows(processor, rows)
-    predicting = predicting.to(runner.device)
-    outputs = []
-    for mem in (memory, reference):
-        segment = runner.segment(batch, start_position=mem.next_position)
-        hidden, _ = run_layers(runner.family, segment, EmlocCache(memory_prefix(mem), len(rows)))
-        outputs.append(runner.family.logits(hidden[predicting]))
-    return js_divergence(outputs[0], torch.log_softmax(outputs[1].float(), dim=-1)).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -461,12 +446,12 @@ class MemoryBuilder:
     """
 
     def __init__(self, runner: MemoryRunner, processor: EmlocProcessor, method: CompressionMethod, chunk_size: int,
-                 pool_width: int, progress: bool | Callable[[int, int], None] = False, validate: int = 0,
+                 pool_width: int, progress: bool | Callable[[int, int], None] = False,
                  checkpoint_dir: str | os.PathLike | None = None, retrieval_layer: int | None = None,
                  drop_unreadable: bool = True, base_model: dict | None = None):
         self.runner, self.family, self.processor, self.method = runner, runner.family, processor, method
         self.drop_unreadable = drop_unreadable
-        self.chunk_size, self.pool_width, self.progress, self.validate = chunk_size, pool_width, progress, validate
+        self.chunk_size, self.pool_width, self.progress = chunk_size, pool_width, progress
         self.checkpoint_dir, self.retrieval_layer = checkpoint_dir, retrieval_layer
         self.base_model = base_model or {}  # `memory_config.json`'s record of the base model (with its fingerprint)
         self.context = None
@@ -522,8 +507,6 @@ class MemoryBuilder:
         previous = append_to.stats if append_to is not None else None
         memory.stats = self.memory_stats(memory, num_demos, torch.cat(full_types), chunk_stats,
                                          spent_before + time.perf_counter() - started, previous)
-        if self.validate and append_to is None:
-            memory.stats["validation"] = self._validate(memory)
         return memory
 
     def query_position(self, chunk: ChunkState, chunk_demos: list[int]) -> int:
@@ -579,17 +562,6 @@ class MemoryBuilder:
             # another version of the code or of the libraries may decide or compute differently
             "software": {"emloc_sha256": _source_sha256(), "torch": torch.__version__, "transformers": transformers.__version__},
         }
-
-    def _validate(self, memory: TaskMemory) -> dict:
-        """Global check: mean JS, on `validate` demonstrations spread over the context (one per row, after the
-        memory), between the built memory and the uncompressed full context."""
-        started = time.perf_counter()
-        full = self.runner.uncompressed(EncodedSpan.concat([self.context.prefix, *self.context.demos]))
-        count = min(self.validate, len(self.context.demos))
-        step = len(self.context.demos) / count
-        rows = [self.context.demos[int(i * step)] for i in range(count)]
-        divergence = answer_divergence(self.runner, memory, full, rows, self.processor)
-        return {"rows": count, "mean_js": round(divergence, 6), "seconds": round(time.perf_counter() - started, 3)}
 
     def memory_stats(self, memory: TaskMemory, num_demos: int, full_types: torch.Tensor, chunk_stats: list,
                      seconds: float, previous: dict | None) -> dict:

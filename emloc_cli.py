@@ -40,7 +40,7 @@ class UsageError(ValueError):
 
 
 def build(demos: str, model: str, out: str, method: str | None = None, chunk_size: int | None = None,
-          template: str | None = None, instruction: str | None = None, validate: int = 0,
+          template: str | None = None, instruction: str | None = None, validation: int = 16, target: float = 0.9,
           checkpoint_dir: str | None = None, device: str | None = None, **params) -> Path:
     """Compress demonstrations into a task memory and save it (`model.build_memory` + `memory.save_pretrained`).
 
@@ -55,7 +55,9 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
         chunk_size: demonstrations per chunk (default: the model config's).
         template: render the demonstrations with `chat` or `plain` instead of the processor's own rendering.
         instruction: the first line of the `plain` rendering.
-        validate: after the build, measure the mean JS to the full context on this many demonstrations.
+        validation: hold out this many demonstrations, certify the memory on them against the full context (and repair
+            it up the ladder below --target), then add them; 0 builds without a certificate.
+        target: the retained gain the certificate must show (default 0.9).
         checkpoint_dir: record every chunk here; rerunning the same command resumes where a build stopped.
         device: where to run (`cuda`, `cuda:1`, `cpu`; default: where the model loads).
     """
@@ -80,7 +82,7 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
         raise UsageError(f"--{unknown[0].replace('_', '-')}: method {name!r} takes no such parameter; it takes "
                          + ", ".join(f"--{p.replace('_', '-')}" for p in accepted))
     memory = emloc_model.build_memory(demos, processor=processor, method=method, chunk_size=chunk_size, progress=True,
-                                      validate=validate, checkpoint_dir=checkpoint_dir, **params)
+                                      validation=validation, target=target, checkpoint_dir=checkpoint_dir, **params)
     path = memory.save_pretrained(out)
     totals = memory.stats.get("totals", {})
     print(f"{path}: {memory.stats.get('num_demos')} demonstrations, {totals.get('full_tokens')} context tokens, "
@@ -90,7 +92,7 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
 
 def ask(memory: str, question: str, image: list[str] | None = None, choices: str | None = None,
         model: str | None = None, max_new_tokens: int = 32, device: str | None = None,
-        retrieve: int | None = None, calibrate: bool = False) -> str | list:
+        retrieve: int | None = None, calibrate: bool = False, recipe: str | None = None) -> str | list:
     """Answer a question from a task memory (`model.load_memory`, then `model.generate` or `model.score_choices`).
 
     The answer streams to standard output; with `--choices`, each choice is printed with its log-probability, best
@@ -106,7 +108,9 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         device: where to run (`cuda`, `cpu`, ...; default: where the model loads).
         retrieve: answer from the memory's tokens of the question's nearest demonstrations only (this many).
         calibrate: with `--choices`, divide out the label prior the memory recorded for these choices when it was
-            built (calibrated log-probabilities; README, "Calibrated answers").
+            built (calibrated log-probabilities).
+        recipe: how to ask the memory (scored, calibrated, retrieve@K, retrieve@K+calibrated); default: the way its
+            certificate chose. --retrieve and --calibrate, when given, say it instead.
     """
     directory = _memory_directory(memory)
     if retrieve is not None and retrieve < 1:
@@ -115,6 +119,13 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         raise UsageError("--calibrate: calibration ranks --choices; give them")
     options = [choice.strip() for choice in choices.split(",") if choice.strip()] if choices else None
     config = _memory_config(directory)
+    if recipe is not None:
+        from certificate_emloc import Recipe
+
+        try:
+            Recipe.parse(recipe)
+        except ValueError as error:
+            raise UsageError(f"--recipe {recipe}: {error}") from None
     if calibrate:
         covered = [entry["choices"] for entry in (config.get("calibration") or {}).get("priors", [])]
         if options not in covered:
@@ -135,8 +146,11 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
     if image:
         query["images"] = list(image)
     if options is not None:
-        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, retrieve=retrieve,
-                                           calibrate=calibrate)[0]
+        explicit = {"retrieve": retrieve} if retrieve is not None else {}
+        if calibrate:
+            explicit["calibrate"] = True
+        scores = emloc_model.score_choices([dict(query, choices=options)], processor=processor, recipe=recipe,
+                                           **explicit)[0]
         ranked = sorted(zip(options, scores), key=lambda pair: -pair[1])
         width = max(len(choice) for choice in options)
         for choice, score in ranked:
@@ -147,7 +161,7 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
     inputs = processor([query], return_tensors="pt")
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = emloc_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, processor=processor,
-                               retrieve=retrieve)
+                               retrieve=retrieve, recipe=recipe)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
@@ -295,10 +309,7 @@ def _tables(memory: str, config: dict) -> list[str]:
     for entry in (config.get("calibration") or {}).get("priors", []):
         prior = ", ".join(f"{choice} {math.exp(value):.2f}" for choice, value in zip(entry["choices"], entry["log_prior"]))
         rows.append(("label prior", f"{prior} (from {entry['rows']} demonstrations' questions; ask --calibrate)"))
-    if config.get("validation"):
-        validation = config["validation"]
-        rows.append(("validation", f"mean JS {validation.get('mean_js')} to the full context on {validation.get('rows')} "
-                                   f"demonstrations"))
+    rows += _certificate_rows(config.get("certificate"))
     lines = _table(rows)
     types = config.get("token_types") or {}
     if types:
@@ -311,6 +322,29 @@ def _tables(memory: str, config: dict) -> list[str]:
             (index, layer.get("full", 0), layer.get("kept", 0), _share(layer.get("kept", 0), layer.get("full", 0)))
             for index, layer in enumerate(layers)], header=("layer", "full", "kept", "kept %"))
     return lines
+
+
+def _certificate_rows(certificate: dict | None) -> list[tuple]:
+    """The certificate's lines of `emloc inspect`: how the memory answered its held-out rows, and how it is asked."""
+    if not certificate:
+        return [("certificate", "none (built with validation=0, or by an older emloc)")]
+    if "skipped" in certificate:
+        return [("certificate", f"none: {certificate['skipped']}")]
+    gain, interval = certificate.get("retained_gain"), certificate.get("retained_gain_interval")
+    gain_text = "n/a (no many-shot gain on these rows)" if gain is None else \
+        f"{100 * gain:.0f} %" + (f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else "")
+    verdict = "met" if certificate.get("met") else "MISSED"
+    rungs = ", ".join(f"{r['rung']} ({100 * r['kept_ratio']:.1f} % kept, {r['build_seconds']:.0f} s)"
+                      for r in certificate.get("rungs", []))
+    return [
+        ("certificate", f"{certificate['rows']} held-out demonstrations: accuracy {certificate['accuracy']:.2f} "
+                        f"(full context {certificate['full_accuracy']:.2f}, zero-shot {certificate['zero_shot_accuracy']:.2f})"),
+        ("retained gain", f"{gain_text}; target {certificate.get('target')}: {verdict}"
+                          + ("; ONE ANSWER TO MOST ROWS (collapsed)" if certificate.get("collapsed") else "")),
+        ("agreement with full", f"{certificate['agreement']:.2f}, mean JS over the choices {certificate['mean_js']:.4f}"),
+        ("asked as", f"{certificate['recipe']} (chosen on the held-out rows; ask --recipe NAME for another)"),
+        ("builds tried", rungs),
+    ]
 
 
 def _table(rows: list[tuple], header: tuple | None = None) -> list[str]:
@@ -425,7 +459,8 @@ def _parser() -> argparse.ArgumentParser:
     argument("chunk_size", "--chunk-size", type=int, metavar="N")
     argument("template", "--template", choices=("chat", "plain"))
     argument("instruction", "--instruction")
-    argument("validate", "--validate", type=int, default=0, metavar="K")
+    argument("validation", "--validation", type=int, default=16, metavar="K")
+    argument("target", "--target", type=float, default=0.9, metavar="GAIN")
     argument("checkpoint_dir", "--checkpoint-dir", metavar="DIR")
     argument("device", "--device")
 
@@ -439,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     argument("device", "--device")
     argument("retrieve", "--retrieve", type=int, metavar="K")
     argument("calibrate", "--calibrate", action="store_true")
+    argument("recipe", "--recipe", metavar="NAME")
 
     summary, description, _ = _docstring(evaluate)
     commands.add_parser("eval", help=summary, description=description, add_help=False)

@@ -191,12 +191,20 @@ class RetrievalIndex:
     def to(self, device) -> "RetrievalIndex":
         return RetrievalIndex(self.starts.to(device), self.ends.to(device), self.keys.to(device), self.layer)
 
-    def nearest(self, query_keys: torch.Tensor, k: int) -> torch.Tensor:
-        """The `k` demonstrations most similar to each query: `query_keys [batch, hidden]` → `[batch, k]` indices."""
+    def nearest(self, query_keys: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The `k` demonstrations most similar to each query: `query_keys [batch, hidden]` → `[batch, k]` indices.
+        `exclude` (`[batch]`, -1 for none) names a demonstration a row may not retrieve: a demonstration asked as a
+        query would otherwise find its own copy first."""
         center = self.keys.mean(0)
         demos = torch.nn.functional.normalize(self.keys - center, dim=-1)
         queries = torch.nn.functional.normalize(query_keys.float().to(demos.device) - center, dim=-1)
-        return (queries @ demos.T).topk(min(int(k), self.num_demos), dim=-1).indices
+        similarity = queries @ demos.T
+        if exclude is not None:
+            exclude = torch.as_tensor(exclude, device=similarity.device).reshape(-1, 1)
+            own = torch.arange(self.num_demos, device=similarity.device)[None] == exclude
+            similarity = similarity.masked_fill(own, float("-inf"))
+        available = self.num_demos - (0 if exclude is None else int((exclude >= 0).any()))
+        return similarity.topk(max(1, min(int(k), available)), dim=-1).indices
 
     def demo_of(self, positions: torch.Tensor) -> torch.Tensor:
         """The demonstration holding each position (any shape), -1 where none does."""
@@ -644,6 +652,31 @@ def _card_code(config: dict, repo_id: str | None) -> str:
     return "\n".join(lines)
 
 
+def _card_certificate(certificate: dict | None) -> str:
+    """The card's section on how the memory answered demonstrations held out of its build (`certificate_emloc`)."""
+    if not certificate or "skipped" in certificate:
+        reason = certificate["skipped"] if certificate else "built without validation"
+        return f"## Certificate\n\nNone: {reason}.\n\n"
+    gain, interval = certificate.get("retained_gain"), certificate.get("retained_gain_interval")
+    gain_text = "n/a (the full context gained nothing on these rows)" if gain is None else \
+        f"{100 * gain:.0f} %" + (f" (95 % interval {100 * interval[0]:.0f}–{100 * interval[1]:.0f} %)" if interval else "")
+    return f"""## Certificate
+
+Before its last {certificate['rows']} demonstrations joined it, the memory answered them (held out of its build) as
+follows; the full context of the same demonstrations and the model alone answered them too.
+
+| | |
+|---|---|
+| accuracy: memory / full context / zero-shot | {certificate['accuracy']:.2f} / {certificate['full_accuracy']:.2f} / {certificate['zero_shot_accuracy']:.2f} |
+| retained gain (target {certificate.get('target')}) | {gain_text}: {'met' if certificate.get('met') else 'missed'} |
+| agreement with the full context, mean JS over the choices | {certificate['agreement']:.2f}, {certificate['mean_js']:.4f} |
+| one answer to most rows (collapse) | {'yes' if certificate.get('collapsed') else 'no'} |
+| asked as (`score_choices` and `generate` do so unless told otherwise) | `{certificate['recipe']}` |
+| builds tried | {', '.join(r['rung'] for r in certificate.get('rungs', []))} |
+
+"""
+
+
 def memory_card(config: dict, repo_id: str | None = None) -> str:
     """The README.md of a memory directory or Hub repo (`repo_id`, when pushed): Hub metadata, what the memory is, and
     the exact code that loads the model, the processor and the memory and asks a question. Shows no local path."""
@@ -687,7 +720,7 @@ usable with an Emloc model of that base without any training.
 | rendering of the demonstrations | {rendering_text} |
 | base model fingerprint | `{config.get('base_model', {}).get('fingerprint', 'n/a')}` |
 
-## Use
+{_card_certificate(config.get("certificate"))}## Use
 
 ```python
 {_card_code(config, repo_id)}

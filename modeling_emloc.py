@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .building_emloc import COMPRESSION_METHODS, EmlocMethod, MemoryBuilder, check_not_retired
+    from .certificate_emloc import Recipe, certified_build
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import (MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering,
                                config_sliding_windows, hub_name, push_memory_to_hub)
@@ -36,6 +38,7 @@ try:  # loaded as remote code: transformers makes a package of the repository's 
     from .scoring_emloc import calibrated_scores, choice_priors, estimate_choice_prior, score_examples
 except ImportError:  # imported from the repository root as flat modules
     from building_emloc import COMPRESSION_METHODS, EmlocMethod, MemoryBuilder, check_not_retired
+    from certificate_emloc import Recipe, certified_build
     from configuration_emloc import EmlocConfig
     from memory_emloc import (MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering,
                               config_sliding_windows, hub_name, push_memory_to_hub)
@@ -497,7 +500,7 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, memory: TaskMemory | str | None = None,
                  select: float | None = None, processor: EmlocProcessor | None = None, retrieve: int | None = None,
-                 **kwargs):
+                 recipe: str | None = None, **kwargs):
         """transformers' `GenerationMixin.generate`, answering from a task memory.
 
         Every `GenerationConfig` field and `generate` argument works as for any causal LM (`max_new_tokens`,
@@ -515,7 +518,9 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
                 tokens each query attends to most (`MemorySelector`). The stored memory is unchanged.
             retrieve: retrieval inside the memory: each query attends, in every layer, only to the template prefix and
                 the kept tokens of its `retrieve` nearest demonstrations (by the memory's `RetrievalIndex`), at no
-                extra prefill. Combines with `select`; needs a memory with a retrieval index.
+                extra prefill. Combines with `select`; needs a memory with a retrieval index. When not given, the
+                retrieval of the memory's recipe (`recipe`, else the one its certificate chose; calibration applies
+                to `score_choices` only).
             processor: the `EmlocProcessor` that rendered the queries. Given it, a memory whose demonstrations were
                 rendered otherwise is refused (`MemoryLoadError` naming the difference), and a row that starts with
                 the template prefix (a chat template's system turn, a tokenizer's BOS) has it masked out, since the
@@ -527,6 +532,8 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
             / `GenerateBeamDecoderOnlyOutput` with `return_dict_in_generate=True`.
         """
         memory = self._resolve_memory(memory)
+        if retrieve is None:
+            _, retrieve = _asked(memory, recipe, None, None)
         kwargs.pop("token_types", None)  # the processor's span types: the memory builder's, not the model's
         if processor is not None and memory is not None:
             check_rendering(memory.stats, processor.rendering())
@@ -572,27 +579,33 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
 
     @torch.no_grad()
     def score_choices(self, queries, memory: TaskMemory | str | None = None, processor: EmlocProcessor | None = None,
-                      history=None, select: float | None = None, batch_size: int = 8,
-                      retrieve: int | None = None, calibrate: bool | list[dict] = False) -> list[list[float]]:
-        """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply.
+                      history=None, select: float | None = None, batch_size: int = 8, retrieve: int | None = None,
+                      calibrate: bool | list[dict] | None = None, recipe: str | None = None) -> list[list[float]]:
+        """Per query, the summed log-probability of each of its `choices` as the start of the assistant reply — or,
+        calibrated, its log-probabilities over its choices.
 
         `tokenizer(choice, add_special_tokens=False)` is scored after the query's generation prompt; `batch_size`
         queries share one pass (`scoring_emloc`), with the numbers of one query at a time. A memory whose
         demonstrations were rendered otherwise than `processor` renders the queries is refused (`MemoryLoadError`).
-        `select` and `retrieve` as in `generate`. `calibrate=True` divides out the label prior the memory recorded when
-        it was built (`calibration_rows` of `build_memory`): each query's scores become calibrated log-probabilities
-        over its choices. A list of priors (`estimate_choice_prior`) calibrates with those instead.
+
+        How the memory is asked: as its certificate chose (`stats["certificate"]["recipe"]`, e.g. `"calibrated"` or
+        `"retrieve@8"`), unless told otherwise — by `recipe` (`"scored"`, `"calibrated"`, `"retrieve@K"`,
+        `"retrieve@K+calibrated"`), or by `calibrate` / `retrieve` themselves, which then say all of it.
+        `calibrate=True` divides out the label prior the memory recorded when it was built (`calibration_rows` of
+        `build_memory`); a list of priors (`estimate_choice_prior`) calibrates with those instead. `retrieve=k` reads
+        only the `k` nearest demonstrations; `select` as in `generate`.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         memory = self._memory_for(memory, processor, "score_choices")
+        calibrate, retrieve = _asked(memory, recipe, calibrate, retrieve)
         examples = load_examples(queries, require_answer=False)
         for query in examples:
             if not query.choices:
                 raise ValueError(f"{query.where}: score_choices needs 'choices' on every query")
         priors = None
         if calibrate is not False:  # looked up before any work, so that a missing prior fails at once
-            priors = choice_priors(_recorded_priors(memory, calibrate), [query.choices for query in examples],
+            priors = choice_priors(_recorded_priors(memory, calibrate, retrieve), [query.choices for query in examples],
                                    [query.where for query in examples])
         history = load_examples(history) if history is not None else None
         results = score_examples(self.runner, examples, memory, processor, history, select, batch_size, retrieve)
@@ -614,11 +627,11 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
     # -- building memories ----------------------------------------------------------------------------------------
 
     def build_memory(self, demos, processor: EmlocProcessor, method: str | None = None, chunk_size: int | None = None,
-                     append_to: TaskMemory | None = None, progress: bool = False, validate: int = 0,
+                     append_to: TaskMemory | None = None, progress: bool = False,
                      checkpoint_dir: str | os.PathLike | None = None, retrieval: bool = True,
                      retrieval_layer: int | None = None, drop_unreadable: bool = True, calibration_rows: int = 16,
-                     **method_params) -> TaskMemory:
-        """Compresses demonstrations into a task memory (docs/options.md describes every option).
+                     validation: int = 16, target: float | None = 0.9, **method_params) -> TaskMemory:
+        """Compresses demonstrations into a task memory that checks itself (docs/options.md describes every option).
 
         Args:
             demos: a JSONL path or a list of demonstration dicts (design §6).
@@ -629,8 +642,6 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
             chunk_size: demonstrations per chunk (default: the config's, 4).
             append_to: an existing memory to extend with new chunks instead of building from scratch.
             progress: a progress bar, or a callable `progress(chunks_done, chunks_total)` called after each chunk.
-            validate: after the build, the mean JS between this memory and the uncompressed context on this many
-                demonstrations, recorded as `stats["validation"]` (costs one full prefill).
             checkpoint_dir: record each completed chunk here (crash-safe); a rerun with the same arguments continues
                 there, to the same memory bytes. A directory holding another build is refused (`CheckpointError`).
             retrieval: record a retrieval index (where each demonstration sits, and its key) for `retrieve=k`.
@@ -640,38 +651,68 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
                 same, the memory is smaller); False keeps them.
             calibration_rows: record the memory's label prior over each set of `choices` among the demonstrations,
                 from this many of their questions (`estimate_choice_prior`); 0 records none.
+            validation: hold out this many demonstrations (spread over the file), build the memory from the others
+                and certify it on them against the uncompressed context and zero-shot; the rows then join the memory
+                (`certificate_emloc`). The certificate, and the way of asking it chose, are in `stats["certificate"]`.
+                0 builds without one (and keeps the file's order), as does `method="full"` (nothing is pruned).
+            target: the retained gain the certificate must show without collapsing; below it the build climbs the
+                repair ladder (`certificate_emloc.LADDER`). None certifies without repairing.
             **method_params: the method's parameters, e.g. `delta=0.005, ratios=(0.1, 0.2, 0.5), budget=0.2`.
         """
+        started = time.perf_counter()
         method = method or self.config.method
-        if method not in COMPRESSION_METHODS:
-            raise ValueError(f"unknown method {method!r}; available: {sorted(COMPRESSION_METHODS)}")
-        check_not_retired(method_params)
-        method_cls = COMPRESSION_METHODS[method]
-        accepted = {f.name for f in method_cls.__dataclass_fields__.values()}
-        unknown = set(method_params) - accepted
-        if unknown:
-            raise TypeError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
-        if not isinstance(calibration_rows, int) or calibration_rows < 0:
-            raise ValueError(f"calibration_rows must be a non-negative integer, got {calibration_rows!r}")
-        # the config's delta / ratios / probe are the paper rule's settings; other methods bring their own defaults
-        defaults = {"delta": self.config.delta, "ratios": tuple(self.config.ratios), "probe": self.config.probe} \
-            if method == EmlocMethod.name else {}
-        params = {**{k: v for k, v in defaults.items() if k in accepted}, **method_params}
+        params = self._method_params(method, method_params)
+        for name, value in (("calibration_rows", calibration_rows), ("validation", validation)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if append_to is not None:
             self.runner.check_fits(append_to)
             check_rendering(append_to.stats, processor.rendering())
-        builder = MemoryBuilder(self.runner, processor, method_cls(**params), chunk_size or self.config.chunk_size,
-                                self.config.pool_width, progress=progress, validate=validate,
-                                checkpoint_dir=checkpoint_dir,
-                                retrieval_layer=self._retrieval_layer(retrieval_layer) if retrieval else None,
-                                drop_unreadable=drop_unreadable, base_model=self._base_model_record())
-        memory = builder.build(demos, append_to=append_to)
+        examples = load_examples(demos, require_answer=True, decode=False)  # a bad line fails here, before any work
+        layer = self._retrieval_layer(retrieval_layer) if retrieval else None
+
+        def build(name: str, options: dict, demonstrations: list, extend: TaskMemory | None, step: str | None = None):
+            directory = None if checkpoint_dir is None else Path(checkpoint_dir) / step if step else checkpoint_dir
+            builder = MemoryBuilder(self.runner, processor, COMPRESSION_METHODS[name](**self._method_params(name, options)),
+                                    chunk_size or self.config.chunk_size, self.config.pool_width, progress=progress,
+                                    checkpoint_dir=directory, retrieval_layer=layer, drop_unreadable=drop_unreadable,
+                                    base_model=self._base_model_record())
+            return builder.build(demonstrations, append_to=extend)
+
+        if validation and append_to is None and method != "full":  # nothing pruned: the full context, exactly
+            memory, order = certified_build(build, examples, self.runner, processor, method, params, validation,
+                                            target, calibration_rows)
+            examples = [examples[index] for index in order]  # the memory's order: the held-out rows last
+        else:
+            memory = build(method, params, examples, append_to)
         memory.stats["rendering"] = processor.rendering()  # queries must be rendered the same way (design §7)
         if calibration_rows:
-            priors = estimate_choice_prior(self.runner, demos, memory, processor, calibration_rows)
+            first = memory.retrieval.num_demos - len(examples) if memory.retrieval is not None else None
+            recipe = Recipe.parse(memory.stats.get("certificate", {}).get("recipe", "scored"))
+            priors = estimate_choice_prior(self.runner, examples, memory, processor, calibration_rows)
             if priors:
                 memory.stats["calibration"] = {"rows": calibration_rows, "priors": priors}
+                if recipe.calibrate and recipe.retrieve:  # the prior of the recipe's retrieval, as its queries read
+                    memory.stats["calibration"]["retrieve"] = {str(recipe.retrieve): estimate_choice_prior(
+                        self.runner, examples, memory, processor, calibration_rows, recipe.retrieve, first)}
+        # what the user waited for: every build of the ladder, the certificate and the priors (and the memory extended)
+        previous = append_to.stats.get("build", {}).get("seconds", 0.0) if append_to is not None else 0.0
+        memory.stats["build"]["seconds"] = round(previous + time.perf_counter() - started, 3)
         return memory
+
+    def _method_params(self, method: str, params: dict) -> dict:
+        """`params` checked for `method` (unknown and retired options refused), with the config's `delta`, `ratios`
+        and `probe` as the defaults of the paper's rule (other methods bring their own)."""
+        if method not in COMPRESSION_METHODS:
+            raise ValueError(f"unknown method {method!r}; available: {sorted(COMPRESSION_METHODS)}")
+        check_not_retired(params)
+        accepted = set(COMPRESSION_METHODS[method].__dataclass_fields__)
+        unknown = set(params) - accepted
+        if unknown:
+            raise TypeError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
+        defaults = {"delta": self.config.delta, "ratios": tuple(self.config.ratios), "probe": self.config.probe} \
+            if method == EmlocMethod.name else {}
+        return {**defaults, **params}
 
     @torch.no_grad()
     def index_memory(self, memory: TaskMemory, demos, processor: EmlocProcessor, retrieval_layer: int | None = None) -> TaskMemory:
@@ -712,14 +753,32 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
         return {"name_or_path": hub_name(name), "emloc_repo": not self._from_base, "fingerprint": self.fingerprint()}
 
 
-def _recorded_priors(memory: TaskMemory | None, calibrate: bool | list[dict]) -> list[dict]:
-    """The priors of `score_choices(calibrate=...)`: given, or (True) recorded in the memory."""
+def _asked(memory: TaskMemory | None, recipe: str | None, calibrate, retrieve) -> tuple:
+    """`(calibrate, retrieve)` for a question to `memory`: what the caller says (`calibrate`, `retrieve`), else the
+    `recipe` named, else the one the memory's certificate chose, else as scored."""
+    if calibrate is not None or retrieve is not None:
+        return (False if calibrate is None else calibrate), retrieve
+    if recipe is None:
+        recipe = ((memory.stats.get("certificate") or {}).get("recipe") if memory is not None else None) or "scored"
+    chosen = Recipe.parse(recipe)
+    return chosen.calibrate, chosen.retrieve
+
+
+def _recorded_priors(memory: TaskMemory | None, calibrate: bool | list[dict], retrieve: int | None) -> list[dict]:
+    """The priors of `score_choices(calibrate=...)`: given, or (True) recorded in the memory — for `retrieve=k` the
+    prior estimated with that retrieval."""
     if calibrate is True:
         recorded = None if memory is None else memory.stats.get("calibration")
         if recorded is None:
             raise ValueError("score_choices(calibrate=True): the memory records no label prior; build it with "
                              "calibration_rows > 0 from demonstrations with 'choices', or pass "
                              "calibrate=model.estimate_choice_prior(demos, memory, processor)")
+        if retrieve is not None:
+            if str(retrieve) not in recorded.get("retrieve", {}):
+                raise ValueError(f"score_choices(calibrate=True, retrieve={retrieve}): the memory records no label prior "
+                                 f"estimated with retrieve={retrieve} (it records one for "
+                                 f"{sorted(recorded.get('retrieve', {})) or 'none'}); pass calibrate=PRIORS")
+            return recorded["retrieve"][str(retrieve)]
         calibrate = recorded["priors"]
     if not isinstance(calibrate, list):
         raise ValueError(f"calibrate must be False, True or a list of priors, got {type(calibrate).__name__}")

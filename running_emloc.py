@@ -256,15 +256,16 @@ class MemoryRunner:
         return self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache, segment
 
     def memory_cache(self, memory: TaskMemory | None, batch_size: int, queries: dict | None = None,
-                     retrieve: int | None = None) -> tuple[TaskMemory, EmlocCache]:
+                     retrieve: int | None = None, exclude: torch.Tensor | None = None) -> tuple[TaskMemory, EmlocCache]:
         """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it
-        — with `retrieve`, each row of `queries` starting with its own view of it (`retrieved_prefix`)."""
+        — with `retrieve`, each row of `queries` starting with its own view of it (`retrieved_prefix`; `exclude`
+        `[batch]`: a demonstration each row may not retrieve, -1 for none)."""
         memory = memory if memory is not None else self.empty_memory()
         self.check_fits(memory)
         memory = memory.to(device=self.device, dtype=self.family.model.dtype)
         prefix, keep = memory_prefix(memory, family=self.family), None
         if retrieve is not None:
-            prefix, keep = self.retrieved_prefix(memory, prefix, queries, retrieve)
+            prefix, keep = self.retrieved_prefix(memory, prefix, queries, retrieve, exclude)
         cache = EmlocCache(prefix, batch_size=batch_size, start_position=memory.next_position)
         if keep is not None:
             cache.prefix_keep = keep
@@ -323,7 +324,8 @@ class MemoryRunner:
         return RetrievalIndex(torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long),
                               torch.cat(keys) if keys else torch.zeros(0, hidden_size), int(layer))
 
-    def retrieved_prefix(self, memory: TaskMemory, prefix: list, queries: dict, retrieve: int) -> tuple[list, list]:
+    def retrieved_prefix(self, memory: TaskMemory, prefix: list, queries: dict, retrieve: int,
+                         exclude: torch.Tensor | None = None) -> tuple[list, list]:
         """`retrieve=k`: per layer, each row of `queries` gets its own prefix — the memory tokens of its `k` nearest
         demonstrations and of the template prefix, gathered (keys and values `[batch, kv_heads, m, head_dim]`,
         positions `[batch, kv_heads, m]`, `m` the most any row and head sees) — and the mask of the real ones among
@@ -337,7 +339,7 @@ class MemoryRunner:
                 "this memory has no retrieval index (saved in memory format 1, made by another tool, or built with "
                 "retrieval=False): add one with model.index_memory(memory, demos, processor=processor)"
             )
-        chosen = index.nearest(self.retrieval_keys(queries, index.layer), retrieve)
+        chosen = index.nearest(self.retrieval_keys(queries, index.layer), retrieve, exclude)
         gathered, keeps = [], []
         for entry in prefix:
             if entry is None:

@@ -34,11 +34,12 @@ except ImportError:  # imported from the repository root as flat modules
 @torch.no_grad()
 def score_examples(runner: MemoryRunner, examples: list[Example], memory: TaskMemory | None, processor: EmlocProcessor,
                    history: list[Example] | None = None, select: float | None = None, batch_size: int = 8,
-                   retrieve: int | None = None) -> list[list[float]]:
+                   retrieve: int | None = None, exclude: Sequence[int] | None = None) -> list[list[float]]:
     """Per example, the summed log-probability of each of its `choices` as the start of the reply after `memory`
     (None: zero-shot, the query after the template prefix, as it would be in a full context); an answer, if any, is
     not used. `history` stands before each query as `EmlocProcessor.encode_query` takes it; `select` and `retrieve` as
-    in `generate`. `batch_size` queries share a pass."""
+    in `generate`; `exclude` (one per example, -1 for none) a demonstration of the memory each may not retrieve (its
+    own copy, when the example is one of the memory's demonstrations). `batch_size` queries share a pass."""
     if memory is None:
         memory = runner.uncompressed(processor.encode_prefix())
     results = []
@@ -46,11 +47,14 @@ def score_examples(runner: MemoryRunner, examples: list[Example], memory: TaskMe
         part = examples[begin:begin + batch_size]
         batch = processor.collate([processor.encode_query(query, history) for query in part])
         choices = [[processor.encode_choice(choice) for choice in query.choices] for query in part]
-        results += score_continuations(runner, memory, batch, choices, select, retrieve)
+        excluded = None if exclude is None else torch.tensor(list(exclude[begin:begin + batch_size]), dtype=torch.long)
+        results += score_continuations(runner, memory, batch, choices, select, retrieve, excluded)
     return results
 
+
 def score_continuations(runner: MemoryRunner, memory: TaskMemory, batch: dict, choices: list[list[torch.Tensor]],
-                        select: float | None, retrieve: int | None = None) -> list[list[float]]:
+                        select: float | None, retrieve: int | None = None,
+                        exclude: torch.Tensor | None = None) -> list[list[float]]:
     """One pass for a batch of queries (`batch`, left-padded) and all their choices.
 
     Each query is followed by every choice of more than one token without its last token, each as a branch
@@ -108,7 +112,7 @@ def score_continuations(runner: MemoryRunner, memory: TaskMemory, batch: dict, c
         rows = [(row, 0) for row in range(len(pieces))]
         chooser = torch.arange(width, device=device)[None] < torch.tensor([p[4] for p in pieces], device=device)[:, None]
     # with `retrieve` the layout has one row per query, so the queries' rows are the cache's
-    memory, cache = runner.memory_cache(memory, segment.hidden.shape[0], batch, retrieve)
+    memory, cache = runner.memory_cache(memory, segment.hidden.shape[0], batch, retrieve, exclude)
     selector = runner.selector(select, cache, chooser) if chooser is not None else None
     hidden, _ = run_layers(runner.family, segment, cache, selector=selector)
     # read out, per query, its last token (predicting every first token) and its branch tokens
@@ -141,7 +145,7 @@ def score_continuations(runner: MemoryRunner, memory: TaskMemory, batch: dict, c
 
 @torch.no_grad()
 def estimate_choice_prior(runner: MemoryRunner, demos, memory: TaskMemory | None, processor: EmlocProcessor,
-                          rows: int = 16) -> list[dict]:
+                          rows: int = 16, retrieve: int | None = None, first_demo: int | None = None) -> list[dict]:
     """The label prior a memory (None: zero-shot) puts on each set of choices among `demos`.
 
     A context biases a small model towards some answers whatever the question (contextual calibration: Zhao et
@@ -151,21 +155,28 @@ def estimate_choice_prior(runner: MemoryRunner, demos, memory: TaskMemory | None
     questions of up to `rows` demonstrations per set of choices, spread evenly over `demos`, asked of the memory
     as queries (their answers are not used). It is the mean of their distributions over the choices.
 
+    With `retrieve=k` the questions are asked as a query with retrieval is: each reads its `k` nearest demonstrations
+    of the memory, never its own copy (`demos[i]` is the memory's demonstration `first_demo + i`; None: `demos` are
+    not in the memory).
+
     Returns one entry per distinct `choices` list: `{"choices": [...], "log_prior": [...], "rows": n}`, the form
     `score_choices(calibrate=...)` and `memory.stats["calibration"]["priors"]` take.
     """
     if not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive integer, got {rows!r}")
     examples = load_examples(demos, require_answer=False, decode=False)
-    groups: dict[tuple, list[Example]] = {}
-    for example in examples:
+    groups: dict[tuple, list[int]] = {}
+    for index, example in enumerate(examples):
         if example.choices:
-            groups.setdefault(tuple(example.choices), []).append(example)
+            groups.setdefault(tuple(example.choices), []).append(index)
     priors = []
     for choices, group in groups.items():
         count = min(rows, len(group))
-        asked = [decode_media(group[round(i * (len(group) - 1) / max(1, count - 1))]) for i in range(count)]
-        scores = torch.tensor(score_examples(runner, asked, memory, processor), dtype=torch.float64)
+        picked = [group[round(i * (len(group) - 1) / max(1, count - 1))] for i in range(count)]
+        asked = [decode_media(examples[index]) for index in picked]
+        exclude = None if retrieve is None or first_demo is None else [first_demo + index for index in picked]
+        scores = torch.tensor(score_examples(runner, asked, memory, processor, retrieve=retrieve, exclude=exclude),
+                              dtype=torch.float64)
         mean = torch.log_softmax(scores, dim=-1).exp().mean(0)
         priors.append({"choices": list(choices), "log_prior": [round(x, 9) for x in mean.log().tolist()],
                        "rows": len(asked)})

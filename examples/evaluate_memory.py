@@ -14,6 +14,9 @@ value written with `/`, e.g. `ratios=0.1/0.2/0.5`):
     zero-shot                 no memory
     full                      the whole context as an uncompressed memory (prefix cache)
     emloc[k=v;...]            EMLoC, `method="emloc"` (paper defaults; e.g. emloc[probe=future], emloc[budget=0.2])
+    user[k=v;...]             what a user gets: `model.build_memory(demos, processor=processor, **params)` with every
+                              default (the held-out certificate and its repairs included), asked with `score_choices`'
+                              defaults (the way of asking the certificate chose); no +calibrate or +retrieve of its own
     default[k=v;...]          `model.build_memory(demos, processor=processor, **params)` with no method argument: the
                               library's default method (its name is recorded in the memory's stats)
     NAME[k=v;...]             any other method registered in modeling_emloc (`method=NAME`); `method=` inside the
@@ -169,6 +172,9 @@ def parse_methods(text: str) -> list[MethodSpec]:
         spec = MethodSpec(item, name, {k.strip(): _value(v.strip()) for k, v in params.items()}, calibrate=calibrate)
         if calibrate and name in ("rices", "lora"):
             raise SystemExit(f"--methods: {item!r}: calibration needs one context for every query, {name} has none")
+        if name == "user" and (calibrate or "+retrieve" in item or select):
+            raise SystemExit(f"--methods: {item!r}: `user` is asked the way its certificate chose; give no +calibrate, "
+                             f"+retrieve or +select")
         if item.endswith("+retrieve") or retrieve is not None:
             spec.retrieve = int(retrieve) if retrieve is not None else 8
             if name in BASELINES:
@@ -571,13 +577,16 @@ def evaluate(args) -> dict:
 
     def own_build(spec):
         """The builder call of a memory spec: `full`, `random`, `emloc`, `default` or a registered method's name."""
-        params = {"calibration_rows": 0, **spec.params}  # a calibrated method estimates its prior (`calibrate`)
+        if spec.name == "user":  # every default of the library, as a user builds it
+            return lambda: model.build_memory(demos, processor=processor, progress=state.is_main_process, **spec.params)
+        # a calibrated method estimates its prior (`calibrate`); no certificate: the memory as the rule alone builds it
+        params = {"calibration_rows": 0, "validation": 0, **spec.params}
         if spec.name == "full":
             return lambda: model.build_memory(demos, processor=processor, method="full", chunk_size=len(demos), **params)
         if spec.name == "random":
             kept = kept_share(spec)
             return lambda: model.build_memory(demos, processor=processor, method="random", ratio=kept or 0.2, **params)
-        params = {"calibration_rows": 0, **method_arguments(spec, emloc_args)}
+        params = {"calibration_rows": 0, "validation": 0, **method_arguments(spec, emloc_args)}
         return lambda: model.build_memory(demos, processor=processor, progress=state.is_main_process, **params)
 
     for spec in order_specs(specs):  # full first: every other method is compared with it
@@ -659,10 +668,10 @@ def evaluate(args) -> dict:
             print(f"  accuracy {record['accuracy']:.3f}  kept {record.get('kept_ratio') or 0:.1%}  "
                   f"s/query {record['query_seconds_mean']:.3f}", flush=True)
     if state.is_main_process:
-        emloc_memories = {k: v for k, v in memories.items() if k.startswith(("emloc", "default"))}
+        emloc_memories = {k: v for k, v in memories.items() if k.startswith(("emloc", "default", "user"))}
         for label, memory in memories.items():
             if label in results["methods"]:
-                results["methods"][label]["memory_stats"] = {k: memory.stats.get(k) for k in ("totals", "token_types", "layers", "method")}
+                results["methods"][label]["memory_stats"] = {k: memory.stats.get(k) for k in ("totals", "token_types", "layers", "method", "certificate")}
                 results["methods"][label]["memory_stats"]["build"] = {
                     k: v for k, v in memory.stats.get("build", {}).items() if k != "chunks"}
         results["answers"] = [q["answer"] for q in queries]  # per-query scoring (benchmark pooling, bootstrap)

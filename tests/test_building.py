@@ -17,6 +17,7 @@ def _build(model, processor, family, **kwargs):
     kwargs.setdefault("chunk_size", 2)
     kwargs.setdefault("method", "emloc")  # the paper's rule: these are its invariants
     kwargs.setdefault("calibration_rows", 0)
+    kwargs.setdefault("validation", 0)  # the rule's invariants; the certificate has its own tests
     return model.build_memory(demos_for(family, 6), processor=processor, **kwargs)
 
 
@@ -166,7 +167,7 @@ def test_bfloat16_build_has_no_nan(tiny):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stats_follow_the_memory_config_format(tiny, family):
     model, processor, _ = tiny(family)
-    memory = _build(model, processor, family, delta=0.005, validate=3)
+    memory = _build(model, processor, family, delta=0.005)
     stats = memory.stats
     assert stats["method"] == {"name": "emloc", "params": {"delta": 0.005, "ratios": [0.1, 0.2, 0.5], "probe": "self", "chunk_size": 2}}
     assert stats["num_demos"] == (7 if family in VL_FAMILIES else 6)
@@ -188,13 +189,6 @@ def test_stats_follow_the_memory_config_format(tiny, family):
     if family in VL_FAMILIES:
         assert stats["token_types"]["image"]["full"] == 4 * 8  # 6 one-image demos + one with two images, 4 tokens each
     assert len(stats["build"]["chunks"]) == math.ceil(stats["num_demos"] / 2) and stats["build"]["seconds"] > 0
-    assert 0 <= stats["validation"]["mean_js"] < 1 and stats["validation"]["rows"] == 3
-
-
-def test_validation_of_a_full_memory_is_zero(tiny):
-    model, processor, _ = tiny("gemma3")
-    memory = _build(model, processor, "gemma3", method="full", validate=4)
-    assert memory.stats["validation"]["mean_js"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2.5-vl"])

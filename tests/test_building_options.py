@@ -14,6 +14,7 @@ def _build(model, processor, family="llama", count=6, **kwargs):
     kwargs.setdefault("chunk_size", 2)
     kwargs.setdefault("method", "emloc")
     kwargs.setdefault("calibration_rows", 0)
+    kwargs.setdefault("validation", 0)
     return model.build_memory(demos_for(family, count), processor=processor, **kwargs)
 
 
