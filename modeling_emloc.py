@@ -361,7 +361,7 @@ class EmlocCache(DynamicCache):
     `batch_select_indices` / `crop` move rows and tokens for beam search and `num_return_sequences`.
     """
 
-    def __init__(self, prefix: Sequence[tuple | None], batch_size: int, start_position: int = 0, window_shift: int = 0,
+    def __init__(self, prefix: Sequence[tuple | None], batch_size: int, start_position: int | torch.Tensor = 0, window_shift: int = 0,
                  headroom: int = 64, scratch: Sequence[tuple[torch.Tensor, torch.Tensor, int] | None] | None = None):
         layers = []
         # sliding windows cut the prefix as for tokens `window_shift` positions further on (a build's probe rows see
@@ -387,7 +387,7 @@ class EmlocCache(DynamicCache):
         self.new_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.new_branches = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.new_segments = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.next_position = torch.full((batch_size,), int(start_position), dtype=torch.long, device=device)
+        self.next_position = torch.as_tensor(start_position, dtype=torch.long, device=device).expand(batch_size).clone()
         # per-query selection over the prefix (`select=`): per layer None or bool [batch, kv_heads, prefix_len]
         self.prefix_keep: list[torch.Tensor | None] = [None] * len(self.prefix_positions)
 
@@ -697,6 +697,31 @@ def memory_prefix(memory: TaskMemory, from_layer: int = 0, family: TextFamily | 
             entry = tuple(t.to(device) for t in entry)
         prefix.append(entry)
     return prefix
+
+
+def rows_prefix(memories: Sequence[TaskMemory], family: TextFamily | None = None) -> tuple[list, list, torch.Tensor]:
+    """Each row its own memory (`generate(memory=[...])`): per layer `(keys, values, positions)` with keys and values
+    `[batch, kv_heads, m, head_dim]` and positions `[batch, kv_heads, m]`, `m` the most tokens any row's memory holds in
+    that layer; the mask of each row's real tokens among them (`[batch, kv_heads, m]`, or None when no row is padded);
+    and where each row's queries start (`[batch]`, its memory's `next_position`). The padding is masked out, so a row
+    attends to exactly the tokens its memory alone would give it."""
+    prefix, keeps = [], []
+    for index in range(memories[0].num_layers):
+        layers = [memory.layers[index] for memory in memories]
+        width = max(layer.num_tokens for layer in layers)
+        device = family.layer_device(index) if family is not None else layers[0].keys.device
+
+        def padded(tensor):  # [kv_heads, n, ...] -> [kv_heads, width, ...], zeros after the real tokens
+            tensor = tensor.to(device)
+            pad = [0, 0] * (tensor.dim() - 2) + [0, width - tensor.shape[1]]
+            return F.pad(tensor, pad)
+
+        prefix.append((torch.stack([padded(layer.keys) for layer in layers]),
+                       torch.stack([padded(layer.values) for layer in layers]),
+                       torch.stack([padded(layer.positions) for layer in layers])))
+        real = torch.arange(width, device=device)[None] < torch.tensor([layer.num_tokens for layer in layers], device=device)[:, None]
+        keeps.append(None if bool(real.all()) else real[:, None, :].expand(-1, memories[0].num_kv_heads, -1))
+    return prefix, keeps, torch.tensor([memory.next_position for memory in memories], dtype=torch.long)
 
 
 def js_divergence(logits_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -1865,7 +1890,7 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 the query are in it). None starts from `memory`.
             memory: a `TaskMemory`, the name of a loaded one, or None for the active memory; the base model alone if
                 there is none (then pass `processor(..., add_template_prefix=True)` inputs for zero-shot answers in the
-                full context's format).
+                full context's format). A list gives each row its own memory (see `generate`).
             select: per-query selection over the memory (see `generate`); fixed by the first pass, kept by the cache.
             retrieve: each query sees its `retrieve` nearest demonstrations only (see `generate`); fixed by the first
                 pass, kept by the cache.
@@ -1947,15 +1972,28 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         """Prefills a batch of queries against one shared memory; returns logits `[batch, seq | logits_to_keep,
         vocab]`, the cache and the segment (for decoding on). `select` turns on per-query selection over the memory
         (`MemorySelector`), `retrieve` retrieval of each query's nearest demonstrations (`_retrieved_prefix`)."""
-        memory, cache = self._memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
-        segment = self._segment(inputs, start_position=memory.next_position)
+        if isinstance(memory, list) and (select is not None or retrieve is not None):
+            raise ValueError("select= and retrieve= take one memory for the whole batch, not a memory per row")
+        _, cache = self._memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
+        segment = self._segment(inputs, start_position=cache.next_position)
         hidden, _ = run_layers(self.family, segment, cache, selector=self._selector(select, cache, segment.valid))
         return self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache, segment
 
-    def _memory_cache(self, memory: TaskMemory | None, batch_size: int, queries: dict | None = None,
-                      retrieve: int | None = None) -> tuple[TaskMemory, EmlocCache]:
+    def _memory_cache(self, memory: TaskMemory | list[TaskMemory] | None, batch_size: int, queries: dict | None = None,
+                      retrieve: int | None = None) -> tuple[TaskMemory | list[TaskMemory], EmlocCache]:
         """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it
-        — with `retrieve`, each row of `queries` starting with its own view of it (`_retrieved_prefix`)."""
+        — with `retrieve`, each row of `queries` starting with its own view of it (`_retrieved_prefix`); with a list of
+        memories, each row with its own memory (`rows_prefix`)."""
+        if isinstance(memory, list):
+            if len(memory) != batch_size:
+                raise ValueError(f"a list of memories takes one per row: got {len(memory)} for {batch_size} rows")
+            for each in memory:
+                self._check_memory_fits(each)
+            memories = [each.to(device=self.model.device, dtype=self.model.dtype) for each in memory]
+            prefix, keep, start = rows_prefix(memories, family=self.family)
+            cache = EmlocCache(prefix, batch_size=batch_size, start_position=start)
+            cache.prefix_keep = keep
+            return memories, cache
         memory = memory if memory is not None else self._empty_memory()
         self._check_memory_fits(memory)
         memory = memory.to(device=self.model.device, dtype=self.model.dtype)
@@ -2089,7 +2127,11 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         chunk = self._prefill_chunk(memory, prefix)
         return TaskMemory([layer.append(chunk.kept(i, None)) for i, layer in enumerate(memory.layers)], chunk.next_position)
 
-    def _resolve_memory(self, memory: TaskMemory | str | None) -> TaskMemory | None:
+    def _resolve_memory(self, memory: TaskMemory | str | list | None) -> TaskMemory | list[TaskMemory] | None:
+        if isinstance(memory, (list, tuple)):  # one per row
+            if not memory or any(each is None for each in memory):
+                raise ValueError("memory= as a list takes a memory (or a loaded memory's name) for every row")
+            return [self._resolve_memory(each) for each in memory]
         if isinstance(memory, str):
             if memory not in self._memories:
                 raise KeyError(f"no memory named {memory!r} is loaded (loaded: {sorted(self._memories)})")
@@ -2128,7 +2170,9 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
                 rendered as they follow the demonstrations), plus their images (`pixel_values`, `image_grid_thw`) for
                 vision-language bases.
             memory: a `TaskMemory`, the name of a loaded one, or None for the active memory (`set_memory`); with no
-                memory at all, the base model's plain zero-shot generation on `input_ids`.
+                memory at all, the base model's plain zero-shot generation on `input_ids`. A list (one memory or name
+                per row) answers each row from its own memory in the same passes, exactly as alone (`rows_prefix`;
+                not with `select` or `retrieve`).
             select: per-query selection over the memory: keep, per layer and KV head, the fraction (or, if > 1, the
                 number) of memory tokens each query attends to most, and answer with that subset (`MemorySelector`).
                 The stored memory is unchanged; `select=1.0` (or None) uses all of it.
@@ -2150,7 +2194,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         memory = self._resolve_memory(memory)
         kwargs.pop("token_types", None)  # the processor's span types: the memory builder's, not the model's
         if processor is not None and memory is not None:
-            check_rendering(memory.stats, processor.rendering())
+            for each in memory if isinstance(memory, list) else [memory]:
+                check_rendering(each.stats, processor.rendering())
             input_ids = kwargs.get("input_ids", inputs)
             if input_ids is not None:
                 kwargs["attention_mask"] = _mask_template_prefix(input_ids, kwargs.get("attention_mask"), processor)
@@ -2185,6 +2230,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         """Repeats every row `expand_size` times (beams, `num_return_sequences`). Images and videos are not per row
         (`pixel_values` is `[patches, dim]`, `image_grid_thw` `[images, 3]`), so each row's own are repeated with it."""
         media = {key: model_kwargs.pop(key) for key in _MEDIA_KEYS if model_kwargs.get(key) is not None}
+        if isinstance(model_kwargs.get("memory"), list):  # a memory per row: each copy of a row keeps its memory
+            model_kwargs["memory"] = [each for each in model_kwargs["memory"] for _ in range(expand_size)]
         if media and expand_size > 1 and input_ids is not None:
             media = self.family.repeat_media(input_ids, media, expand_size)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
@@ -2283,6 +2330,8 @@ class EmlocForConditionalGeneration(EmlocPreTrainedModel, GenerationMixin):
         asked of; refuses a missing processor, or a memory rendered otherwise (`MemoryLoadError`)."""
         if processor is None:
             raise ValueError(f"{caller} needs the processor")
+        if isinstance(memory, (list, tuple)):
+            raise ValueError(f"{caller} takes one memory; a list of memories (one per row) is for generate and forward")
         memory = self._resolve_memory(memory)
         if memory is not None:
             check_rendering(memory.stats, processor.rendering())
