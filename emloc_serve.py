@@ -1375,27 +1375,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_on_ray(settings: ServeSettings, keys: ApiKeys | None, args) -> int:
-    """Deploys on Ray Serve and blocks until SIGTERM or Ctrl-C, then shuts the deployment down."""
+    """Deploys on Ray Serve and blocks until SIGTERM or Ctrl-C, then shuts the deployment down (Serve lets each
+    replica finish the requests it holds first)."""
     import signal
-    import threading
 
     try:
         import ray
         from ray import serve
     except ImportError:
         raise UsageError("--ray: Ray Serve is not installed (pip install 'emloc[ray]')") from None
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*_):
+        raise Stopped
+
     ray.init(address=args.ray_address, ignore_reinit_error=True)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    application = ray_application(settings, keys, replicas=args.replicas, replica_cpus=args.replica_cpus,
-                                  replica_gpus=args.replica_gpus, memories_per_replica=args.memories_per_replica)
-    serve.run(application, name="emloc", route_prefix="/")
-    logger.info("serving on http://%s:%d (Ray Serve, %d replicas)", args.host, args.port, args.replicas)
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+    for number in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own; before the deployment waits
+        signal.signal(number, stop)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(ray_application(settings, keys, replicas=args.replicas, replica_cpus=args.replica_cpus,
+                                  replica_gpus=args.replica_gpus, memories_per_replica=args.memories_per_replica),
+                  name="emloc", route_prefix="/")
+        logger.info("serving on http://%s:%d (Ray Serve, %d replicas)", args.host, args.port, args.replicas)
+        while True:
+            time.sleep(3600)
+    except Stopped:
+        logger.info("stopping: Ray Serve lets the replicas finish their requests")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
