@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import hashlib
 import json
@@ -1194,6 +1195,30 @@ async def _stream(ticket: Ticket, formatter: _Answer, include_usage: bool) -> As
         yield "data: [DONE]\n\n"
     finally:
         ticket.cancel()
+
+
+@contextlib.contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Serves `app` with uvicorn on a background thread (a notebook, a test, a benchmark) and yields its base URL
+    (`http://host:port/v1`; port 0 takes a free one); on exit, stops it as SIGTERM would (requests in flight finish)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="emloc-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,32 @@
 """`emloc serve`: many memories behind one OpenAI-compatible API — and the library support it rests on: a batch whose
 rows each answer from their own memory (`generate(memory=[...])`), exactly as each memory alone."""
 
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
 
-from conftest import FAMILIES, demos_for, queries_for
+from conftest import FAMILIES, ROOT, demos_for, queries_for, text_queries
+from memory_emloc import TaskMemory
+
+try:  # the server and its client: the `test` extra (openai, fastapi, uvicorn; httpx2 comes with openai)
+    import httpx2 as httpx
+    import openai
+    import uvicorn  # noqa: F401
+
+    import emloc_serve
+
+    MISSING = None
+except ImportError as error:
+    MISSING = str(error)
+server_test = pytest.mark.skipif(MISSING is not None, reason=f"the serve tests need the `test` extra: {MISSING}")
 
 
 def _two_memories(model, processor, family, retrieval=False):
@@ -74,24 +96,6 @@ def test_a_list_of_memories_is_refused_where_one_memory_is_meant(tiny):
 # The server, driven by the real `openai` client on 127.0.0.1
 # ---------------------------------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
-
-openai = pytest.importorskip("openai", reason="the serve tests need the `test` extra (openai, fastapi, uvicorn)")
-httpx = pytest.importorskip("httpx2")  # the HTTP client openai and huggingface_hub use here
-uvicorn = pytest.importorskip("uvicorn")
-import emloc_serve  # noqa: E402
-from memory_emloc import TaskMemory  # noqa: E402
-
 
 @contextlib.contextmanager
 def serving(model, processor, memories: dict, keys=None, **limits):
@@ -99,21 +103,9 @@ def serving(model, processor, memories: dict, keys=None, **limits):
     `(base_url, engine)`."""
     settings = emloc_serve.ServeSettings(model="tiny", memories={k: str(v) for k, v in memories.items()}, **limits)
     engine = emloc_serve.Engine(model, processor, settings)
-    app = emloc_serve.create_app(emloc_serve.LocalBackend(engine), settings, keys)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1", engine
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "the server did not stop"
+    with emloc_serve.running_server(emloc_serve.create_app(emloc_serve.LocalBackend(engine), settings, keys)) as url:
+        yield url, engine
+    assert engine._batcher is None or engine._batcher.done(), "the server did not drain"
 
 
 def client(url, key="unused"):
@@ -164,9 +156,7 @@ def _alone(served, name, query, max_new_tokens, **options):
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
-from conftest import text_queries  # noqa: E402
-
-
+@server_test
 def test_mixed_memory_requests_answer_as_generate_alone_streamed_or_not(served):
     queries = served["queries"]
     expected = {(name, row): _alone(served, name, queries[row], 6) for name in ("iris-a", "iris-b") for row in range(2)}
@@ -211,6 +201,7 @@ def test_mixed_memory_requests_answer_as_generate_alone_streamed_or_not(served):
         assert [c.text for c in mixed.choices] == [expected["iris-b", 1]] * 2
 
 
+@server_test
 def test_keys_unknown_and_forbidden_memories_and_paths(served):
     keys = served["keys"]
     with serving(served["model"], served["processor"], served["dirs"], keys=served["api_keys"]) as (url, engine):
@@ -234,6 +225,7 @@ def test_keys_unknown_and_forbidden_memories_and_paths(served):
         assert alice.completions.create(model="iris-a", prompt="x", max_tokens=1, temperature=0).choices[0].text is not None
 
 
+@server_test
 @pytest.mark.parametrize("request_body, param", [
     ({"max_tokens": 10_000}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -256,6 +248,7 @@ def test_bad_fields_get_400_naming_the_field(served, request_body, param):
         assert answer.json()["error"]["param"] == param and answer.json()["error"]["type"] == "invalid_request_error"
 
 
+@server_test
 def test_bad_bodies_chat_turns_and_size(served):
     with serving(served["model"], served["processor"], served["dirs"], max_body_bytes=2000) as (url, _):
         not_json = httpx.post(f"{url}/completions", content=b"{not json", headers={"content-type": "application/json"})
@@ -268,6 +261,7 @@ def test_bad_bodies_chat_turns_and_size(served):
         assert error.value.body["param"] == "messages"
 
 
+@server_test
 def test_a_full_queue_gets_429_with_retry_after(served):
     with serving(served["model"], served["processor"], served["dirs"], max_queue=1, max_batch_size=1) as (url, engine):
         api = client(url)
@@ -291,6 +285,7 @@ def test_a_full_queue_gets_429_with_retry_after(served):
         assert len(done) == 2
 
 
+@server_test
 def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
     query = served["queries"][0]["question"]
     with serving(served["model"], served["processor"], served["dirs"], max_tokens=400) as (url, engine):
@@ -305,6 +300,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
         assert answer.choices[0].finish_reason == "length"
 
 
+@server_test
 def test_one_failing_request_does_not_fail_its_batch(served):
     expected = _alone(served, "iris-a", served["queries"][0], 4)
     with serving(served["model"], served["processor"], served["dirs"], batch_wait_ms=200) as (url, engine):
@@ -335,6 +331,7 @@ def test_one_failing_request_does_not_fail_its_batch(served):
         assert engine.stats["retried_batches"] == 1 and engine.stats["failed_jobs"] == 1
 
 
+@server_test
 def test_memories_load_once_on_demand_into_a_cache_bounded_in_bytes(served):
     one = emloc_serve.memory_bytes(TaskMemory.from_pretrained(served["dirs"]["iris-b"]))
     budget_mb = 1.5 * one / 2**20  # room for either memory, not both
@@ -353,6 +350,7 @@ def test_memories_load_once_on_demand_into_a_cache_bounded_in_bytes(served):
         assert engine.memories.loads["iris-b"] == 2 and "serve:iris-a" not in served["model"].memories
 
 
+@server_test
 def test_score_and_retrieve_extensions(served):
     model, processor = served["model"], served["processor"]
     query = served["queries"][1]
@@ -377,6 +375,7 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+@server_test
 def test_command_line_server_hub_memory_and_sigterm_drain(served, local_hub, tmp_path):
     """`emloc serve` in its own process: a memory pulled from the (local) Hub, answers as generate; on SIGTERM the
     stream in flight runs to its end, then the process exits and new connections are refused."""
