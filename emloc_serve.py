@@ -972,10 +972,8 @@ class _Answer:
 
 
 class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 before the application reads it."""
-
-    class TooLarge(Exception):
-        pass
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before the application sees it, whether its size
+    is declared (Content-Length) or not (chunked). The body, at most `limit` bytes, is read here and handed on."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -983,32 +981,32 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        error = ApiError(413, f"the request body is larger than this server takes ({self.limit} bytes)", "body",
-                         "request_too_large")
+        too_large = _error_response(ApiError(413, f"the request body is larger than this server takes ({self.limit} "
+                                                  f"bytes)", "body", "request_too_large"))
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _error_response(error)(scope, receive, send)
-        received, started = 0, False
-
-        async def limited_receive():
-            nonlocal received
+            return await too_large(scope, receive, send)
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body"):
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyLimit.TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away: let the application see it
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyLimit.TooLarge:
-            if not started:
-                await _error_response(error)(scope, receive, send)
+def _replay(messages: list[dict], receive):
+    """An ASGI `receive` that gives `messages` first, then reads on (a disconnect, later)."""
+    messages = list(messages)
+
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 def _error_response(error: ApiError):

@@ -255,6 +255,12 @@ def test_bad_bodies_chat_turns_and_size(served):
         assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
         big = httpx.post(f"{url}/completions", json={"model": "iris-a", "prompt": "x" * 5000})
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        body = json.dumps({"model": "iris-a", "prompt": "x" * 5000}).encode()
+        chunked = httpx.post(f"{url}/completions", content=iter([body[:1000], body[1000:]]),  # no Content-Length
+                             headers={"content-type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        small = json.dumps({"model": "iris-a", "prompt": "x", "max_tokens": 1}).encode()
+        assert httpx.post(f"{url}/completions", content=iter([small[:10], small[10:]])).status_code == 200
         with pytest.raises(openai.BadRequestError) as error:
             client(url).chat.completions.create(model="iris-a", max_tokens=2, messages=[
                 {"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
