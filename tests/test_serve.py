@@ -147,19 +147,29 @@ def served(tiny, tmp_path_factory):
                 api_keys=emloc_serve.ApiKeys.load(keys_file, set(dirs)), queries=text_queries(3))
 
 
-def _alone(served, name, query, max_new_tokens, **options):
-    """What `generate` answers for `query` from memory `name` alone (greedy)."""
+def _alone(served, name, query, max_new_tokens, logprobs=False, **options):
+    """What `generate` answers for `query` from memory `name` alone (greedy); with `logprobs`, also the log-probability
+    of each answer token."""
     model, processor = served["model"], served["processor"]
     inputs = processor([query])
     out = model.generate(**inputs, memory=TaskMemory.from_pretrained(served["dirs"][name]), processor=processor,
-                         max_new_tokens=max_new_tokens, **options)
-    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+                         max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_logits=True, **options)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    text = processor.batch_decode(new[None], skip_special_tokens=True)[0]
+    if not logprobs:
+        return text
+    return text, [float(torch.log_softmax(step[0], -1)[token]) for step, token in zip(out.logits, new.tolist())]
 
 
 @server_test
 def test_mixed_memory_requests_answer_as_generate_alone_streamed_or_not(served):
     queries = served["queries"]
-    expected = {(name, row): _alone(served, name, queries[row], 6) for name in ("iris-a", "iris-b") for row in range(2)}
+    references = {(name, row): _alone(served, name, queries[row], 6, logprobs=True) for name in ("iris-a", "iris-b")
+                  for row in range(2)}
+    expected = {key: text for key, (text, _) in references.items()}
+    # the two memories answer differently (here in their tokens' log-probabilities): a row reading the wrong one is seen
+    assert abs(references["iris-a", 0][1][0] - references["iris-b", 0][1][0]) > 1e-3
+    logprobs = {}
     with serving(served["model"], served["processor"], served["dirs"], batch_wait_ms=200) as (url, engine):
         api = client(url)
         answers = {}
@@ -170,24 +180,34 @@ def test_mixed_memory_requests_answer_as_generate_alone_streamed_or_not(served):
                                                      max_tokens=6, temperature=0, stream=True)
                 answers[name, row, stream] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             else:
-                answer = api.completions.create(model=name, prompt=queries[row]["question"], max_tokens=6, temperature=0)
+                answer = api.completions.create(model=name, prompt=queries[row]["question"], max_tokens=6, temperature=0,
+                                                logprobs=0)
                 assert answer.usage.completion_tokens == 6 and answer.choices[0].finish_reason == "length"
                 answers[name, row, stream] = answer.choices[0].text
+                logprobs[name, row] = answer.choices[0].logprobs.token_logprobs
 
-        with paused(engine):  # all eight requests wait together, then share one batch
+        def sample():  # a sampled row in the same batch: its own temperature and top-p, the greedy rows unchanged
+            answer = api.completions.create(model="iris-b", prompt=queries[0]["question"], max_tokens=6, temperature=1.3,
+                                            top_p=0.9)
+            answers["sampled"] = answer.usage.completion_tokens
+
+        with paused(engine):  # all nine requests wait together, then share one batch
             threads = [threading.Thread(target=ask, args=(name, row, stream)) for name in ("iris-a", "iris-b")
-                       for row in range(2) for stream in (False, True)]
+                       for row in range(2) for stream in (False, True)] + [threading.Thread(target=sample)]
             for thread in threads:
                 thread.start()
-            wait_for(lambda: engine.waiting_rows() == 8)
+            wait_for(lambda: engine.waiting_rows() == 9)
         for thread in threads:
             thread.join(60)
-        assert engine.stats["mixed_batches"] >= 1 and engine.stats["largest_batch"] == 8
+        assert engine.stats["mixed_batches"] == 1 and engine.stats["largest_batch"] == 9
+        assert answers.pop("sampled") >= 1
         for (name, row, stream), text in answers.items():
             assert text == expected[name, row], (name, row, stream)
         assert len(answers) == 8
+        for key, served_logprobs in logprobs.items():
+            torch.testing.assert_close(torch.tensor(served_logprobs), torch.tensor(references[key][1]), atol=1e-4, rtol=0)
 
-        # n copies, logprobs, a stop string; a sampled row beside a greedy one keeps its greedy answer
+        # n copies, logprobs, a stop string, several prompts
         answer = api.completions.create(model="iris-a", prompt=queries[0]["question"], max_tokens=6, temperature=0, n=2,
                                         logprobs=2)
         assert [c.text for c in answer.choices] == [expected["iris-a", 0]] * 2
@@ -365,8 +385,8 @@ def test_score_and_retrieve_extensions(served):
     retrieved = _alone(served, "iris-b", query, 4, retrieve=1)
     with serving(model, processor, served["dirs"]) as (url, _):
         api = client(url)
-        scored = api.post("/score", body={"model": "iris-b", "prompt": query["question"], "choices": query["choices"]},
-                          cast_to=httpx.Response).json()
+        scored = api.post("/score", cast_to=object,  # as the README shows
+                          body={"model": "iris-b", "prompt": query["question"], "choices": query["choices"]})
         torch.testing.assert_close(torch.tensor([c["logprob"] for c in scored["choices"]]),
                                    torch.tensor(expected_scores), atol=1e-4, rtol=0)
         assert scored["best"] == query["choices"][max(range(3), key=lambda i: expected_scores[i])]
@@ -389,7 +409,7 @@ def test_command_line_server_hub_memory_and_sigterm_drain(served, local_hub, tmp
     push = subprocess.run([sys.executable, str(ROOT / "emloc_cli.py"), "push", str(served["dirs"]["iris-b"]), "user/iris-b"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert push.returncode == 0, push.stderr
-    expected = _alone(served, "iris-b", served["queries"][0], 5)
+    expected, expected_logprobs = _alone(served, "iris-b", served["queries"][0], 5, logprobs=True)
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, str(ROOT / "emloc_cli.py"), "serve", "--model", str(served["base_dir"]),
@@ -400,8 +420,10 @@ def test_command_line_server_hub_memory_and_sigterm_drain(served, local_hub, tmp
         wait_for(lambda: server.poll() is None and _answers(f"{url}/models") or server.poll() is not None, 120)
         assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
         api = client(url)
-        answer = api.completions.create(model="hub-b", prompt=served["queries"][0]["question"], max_tokens=5, temperature=0)
+        answer = api.completions.create(model="hub-b", prompt=served["queries"][0]["question"], max_tokens=5,
+                                        temperature=0, logprobs=0)
         assert answer.choices[0].text == expected
+        assert answer.choices[0].logprobs.token_logprobs == pytest.approx(expected_logprobs, abs=1e-4)
         stream = api.completions.create(model="hub-b", prompt=served["queries"][0]["question"], max_tokens=60,
                                         temperature=0, stream=True, stream_options={"include_usage": True})
         chunks = iter(stream)

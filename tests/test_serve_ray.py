@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, text_queries
+from conftest import ROOT
 from test_serve import _alone, _answers, _free_port, client, served, wait_for  # noqa: F401 - `served` is a fixture
 
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
@@ -22,7 +22,8 @@ openai = pytest.importorskip("openai")
 
 def test_ray_serve_deployment_two_replicas_routes_by_memory(served, tmp_path):
     queries = served["queries"]
-    expected = {name: _alone(served, name, queries[0], 5) for name in ("iris-a", "iris-b")}
+    references = {name: _alone(served, name, queries[0], 5, logprobs=True) for name in ("iris-a", "iris-b")}
+    expected = {name: text for name, (text, _) in references.items()}
     keys_file = tmp_path / "keys.json"
     import emloc_serve
 
@@ -52,8 +53,10 @@ def test_ray_serve_deployment_two_replicas_routes_by_memory(served, tmp_path):
         replicas = {}
         for name in ("iris-a", "iris-b", "iris-a", "iris-b", "iris-a", "iris-b"):
             raw = api.completions.with_raw_response.create(model=name, prompt=queries[0]["question"], max_tokens=5,
-                                                           temperature=0)
-            assert raw.parse().choices[0].text == expected[name]
+                                                           temperature=0, logprobs=0)
+            answer = raw.parse().choices[0]
+            assert answer.text == expected[name]
+            assert answer.logprobs.token_logprobs == pytest.approx(references[name][1], abs=1e-4)
             replicas.setdefault(name, set()).add(raw.headers["x-emloc-replica"])
         # each memory stays on the replica that loaded it (serve.multiplexed routing)
         assert all(len(seen) == 1 for seen in replicas.values()), replicas
