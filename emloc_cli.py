@@ -449,7 +449,7 @@ def _parser() -> argparse.ArgumentParser:
     sub, argument, _ = command("inspect", inspect)
     argument("memory", "memory", metavar="MEMORY")
 
-    commands.add_parser("serve", help="serve memories behind an OpenAI-compatible API (emloc_serve; emloc serve --help)",
+    commands.add_parser("serve", help="Serve memories behind an OpenAI-compatible API (emloc_serve; emloc serve --help).",
                         add_help=False)
     return parser
 

@@ -318,7 +318,7 @@ class Row:
     """One sequence to generate: a prompt's `n`-th choice. `index` is its place among the response's choices."""
 
     index: int
-    input_ids: Any  # [seq] long
+    span: Any  # the query, encoded (`EmlocProcessor.encode_query`)
     memory: Any
     ticket: Ticket
     max_tokens: int
@@ -561,7 +561,7 @@ class Engine:
         for number, span in enumerate(spans):
             for copy_number in range(job.get("n", 1)):
                 queued.rows.append(Row(
-                    index=number * job.get("n", 1) + copy_number, input_ids=span.input_ids, memory=memory, ticket=ticket,
+                    index=number * job.get("n", 1) + copy_number, span=span, memory=memory, ticket=ticket,
                     max_tokens=job["max_tokens"], temperature=job.get("temperature", 1.0), top_p=job.get("top_p", 1.0),
                     stop=tuple(job.get("stop") or ()), top_logprobs=job.get("logprobs"), retrieve=retrieve))
         queued.prompt_tokens = [len(span) for span in spans]
@@ -645,8 +645,6 @@ class Engine:
                                          kind="server_error"))
 
     def _generate(self, rows: list[Row]) -> None:
-        import torch
-
         if not rows:
             return
         for row in rows:
@@ -657,18 +655,13 @@ class Engine:
         self.stats["rows"] += len(rows)
         self.stats["mixed_batches"] += 0 if same else 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        width = max(len(row.input_ids) for row in rows)
-        input_ids = torch.full((len(rows), width), self._pad_token_id(), dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for number, row in enumerate(rows):  # left padding, as the processor pads queries
-            input_ids[number, width - len(row.input_ids):] = row.input_ids
-            attention_mask[number, width - len(row.input_ids):] = 1
+        batch = self.processor.collate([row.span for row in rows])  # left-padded
         sampling, stopping = _row_processors(rows, self.processor.tokenizer, self.eos_token_ids)
         config = copy.deepcopy(self.model.generation_config)
         # the batch asks for no warper of its own: `RowSampling` warps each row as its request asked
         config.update(max_new_tokens=max(row.max_tokens for row in rows), do_sample=any(r.temperature > 0 for r in rows),
                       temperature=1.0, top_p=1.0, top_k=None, num_beams=1, num_return_sequences=1)
-        self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+        self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             memory=memories[0] if same else memories, retrieve=rows[0].retrieve,
                             generation_config=config, logits_processor=[sampling], stopping_criteria=[stopping])
         for row in rows:  # transformers stopped at the batch's max_new_tokens: every row is done by then
@@ -688,12 +681,6 @@ class Engine:
         for job, row in zip(jobs, scores):
             job.ticket.emit({"type": "scores", "scores": row})
             job.ticket.end()
-
-    def _pad_token_id(self) -> int:
-        tokenizer = self.processor.tokenizer
-        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-            if candidate is not None:
-                return candidate
 
     async def close(self) -> None:
         """Answers every request already queued, then stops."""
@@ -1051,7 +1038,6 @@ def create_app(backend, settings: ServeSettings, keys: ApiKeys | None = None):
         logger.info("drained: every request in flight was answered")
 
     app = FastAPI(title="emloc serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.backend, app.state.settings = backend, settings
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
