@@ -4,6 +4,7 @@ going to the replica that holds it."""
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +31,9 @@ def test_ray_serve_deployment_two_replicas_routes_by_memory(served, tmp_path):
     admin = emloc_serve.add_api_key(keys_file, "admin", "*")
     alice = emloc_serve.add_api_key(keys_file, "alice", ["iris-a"])
     port = _free_port()
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray's single-machine mode: every port on 127.0.0.1
-               RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-               RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S="5")
+               RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=ray_dir)
     log = open(tmp_path / "server.log", "w")
     command = [sys.executable, str(ROOT / "emloc_cli.py"), "serve", "--ray", "--replicas", "2", "--replica-cpus", "0.5",
                "--threads", "1", "--model", str(served["base_dir"]), "--api-keys", str(keys_file), "--port", str(port)]
@@ -71,6 +72,7 @@ def test_ray_serve_deployment_two_replicas_routes_by_memory(served, tmp_path):
             server.kill()
             returncode = server.wait()
         log.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     # SIGTERM shuts the deployment and the Ray cluster down, and the process exits cleanly
     assert returncode == 0, (tmp_path / "server.log").read_text()[-4000:]
     assert not _answers(f"{url}/models")
