@@ -137,7 +137,8 @@ class EmlocCache(DynamicCache):
     `batch_select_indices` / `crop` move rows and tokens for beam search and `num_return_sequences`.
     """
 
-    def __init__(self, prefix: Sequence[tuple | None], batch_size: int, start_position: int = 0, window_shift: int = 0,
+    def __init__(self, prefix: Sequence[tuple | None], batch_size: int, start_position: int | torch.Tensor = 0,
+                 window_shift: int = 0,
                  headroom: int = 64, scratch: Sequence[tuple[torch.Tensor, torch.Tensor, int] | None] | None = None):
         layers = []
         # sliding windows cut the prefix as for tokens `window_shift` positions further on (a build's probe rows see
@@ -163,7 +164,8 @@ class EmlocCache(DynamicCache):
         self.new_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.new_branches = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.new_segments = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.next_position = torch.full((batch_size,), int(start_position), dtype=torch.long, device=device)
+        # one start for every row, or each row's own (`[batch]`: rows of different memories)
+        self.next_position = torch.as_tensor(start_position, dtype=torch.long, device=device).expand(batch_size).clone()
         # per-query selection over the prefix (`select=`): per layer None or bool [batch, kv_heads, prefix_len]
         self.prefix_keep: list[torch.Tensor | None] = [None] * len(self.prefix_positions)
 

@@ -7,6 +7,7 @@ emloc: task memories from the command line.
     emloc eval --model REPO --demos D.jsonl --queries Q.jsonl --methods zero-shot,full,emloc --out OUT
     emloc push MEMORY REPO_ID [--private] [--revision BRANCH]
     emloc inspect MEMORY
+    emloc serve --model REPO --memory NAME=DIR_OR_HUB_ID [...] [--api-keys FILE] [--ray]   (emloc_serve)
 
 Each subcommand is a thin wrapper over the library function it names, and its help is that wrapper's docstring. A
 user error (a missing file, a bad demonstration line, a memory made for another model, an unknown option) exits with
@@ -488,6 +489,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub, argument, _ = command("inspect", inspect)
     argument("memory", "memory", metavar="MEMORY")
+
+    commands.add_parser("serve", help="Serve memories behind an OpenAI-compatible API (emloc_serve; emloc serve --help).",
+                        add_help=False)
     return parser
 
 
@@ -499,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "eval":  # the harness parses its own options (and prints its own --help)
             evaluate(argv[1:])
             return 0
+        if name == "serve":  # the server parses its own options too
+            import emloc_serve
+
+            return emloc_serve.main(argv[1:])
         params = {}
         if name == "build":  # options build does not know are the method's parameters
             known = {flag for action in parser._subparsers._group_actions[0].choices["build"]._actions

@@ -328,8 +328,12 @@ class EmlocMemoryMixin:
             raise KeyError(f"no memory named {name!r} is loaded (loaded: {sorted(self._memories)})")
         return self._memories[name]
 
-    def _resolve_memory(self, memory: TaskMemory | str | None) -> TaskMemory | None:
-        """A memory given, a loaded one by name, or (None) the active one if any."""
+    def _resolve_memory(self, memory: TaskMemory | str | list | None) -> TaskMemory | list[TaskMemory] | None:
+        """A memory given, a loaded one by name, or (None) the active one if any; a list, one per row."""
+        if isinstance(memory, (list, tuple)):  # one per row
+            if not memory or any(each is None for each in memory):
+                raise ValueError("memory= as a list takes a memory (or a loaded memory's name) for every row")
+            return [self._resolve_memory(each) for each in memory]
         if isinstance(memory, str):
             return self._loaded(memory)
         if memory is None and self._active_memory is not None:
@@ -342,6 +346,8 @@ class EmlocMemoryMixin:
         processor, or a memory rendered otherwise (`MemoryLoadError`)."""
         if processor is None:
             raise ValueError(f"{caller} needs the processor")
+        if isinstance(memory, (list, tuple)):
+            raise ValueError(f"{caller} takes one memory; a list of memories (one per row) is for generate and forward")
         memory = self._resolve_memory(memory)
         if memory is not None:
             check_rendering(memory.stats, processor.rendering())
@@ -462,7 +468,7 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
                 the query are in it). None starts from `memory`.
             memory: a `TaskMemory`, the name of a loaded one, or None for the active memory; the base model alone if
                 there is none (then pass `processor(..., add_template_prefix=True)` inputs for zero-shot answers in the
-                full context's format).
+                full context's format). A list gives each row its own memory (see `generate`).
             select, retrieve: see `generate`; fixed by the first pass, kept by the cache.
             pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: the query's images
                 and videos (vision-language bases); `mm_token_type_ids` and `token_types` are accepted and unused
@@ -513,7 +519,9 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
             input_ids / attention_mask (keywords): `[batch, seq]` queries as the processor returns them (left-padded,
                 rendered as they follow the demonstrations), plus their images for vision-language bases.
             memory: a `TaskMemory`, the name of a loaded one, or None for the active memory (`set_memory`); with no
-                memory at all, the base model's plain zero-shot generation on `input_ids`.
+                memory at all, the base model's plain zero-shot generation on `input_ids`. A list (one memory or name
+                per row) answers each row from its own memory in the same passes, exactly as alone (`rows_prefix`;
+                not with `select` or `retrieve`).
             select: per-query selection: keep, per layer and KV head, the fraction (or, if > 1, the number) of memory
                 tokens each query attends to most (`MemorySelector`). The stored memory is unchanged.
             retrieve: retrieval inside the memory: each query attends, in every layer, only to the template prefix and
@@ -532,11 +540,12 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
             / `GenerateBeamDecoderOnlyOutput` with `return_dict_in_generate=True`.
         """
         memory = self._resolve_memory(memory)
-        if retrieve is None:
+        if retrieve is None and not isinstance(memory, list):
             _, retrieve = _asked(memory, recipe, None, None)
         kwargs.pop("token_types", None)  # the processor's span types: the memory builder's, not the model's
         if processor is not None and memory is not None:
-            check_rendering(memory.stats, processor.rendering())
+            for each in memory if isinstance(memory, list) else [memory]:
+                check_rendering(each.stats, processor.rendering())
             input_ids = kwargs.get("input_ids", inputs)
             if input_ids is not None:
                 kwargs["attention_mask"] = _mask_template_prefix(input_ids, kwargs.get("attention_mask"), processor)
@@ -570,6 +579,8 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
         """Repeats every row `expand_size` times (beams, `num_return_sequences`). Images and videos are not per row
         (`pixel_values` is `[patches, dim]`, `image_grid_thw` `[images, 3]`), so each row's own are repeated with it."""
         media = {key: model_kwargs.pop(key) for key in _MEDIA_KEYS if model_kwargs.get(key) is not None}
+        if isinstance(model_kwargs.get("memory"), list):  # a memory per row: each copy of a row keeps its memory
+            model_kwargs["memory"] = [each for each in model_kwargs["memory"] for _ in range(expand_size)]
         if media and expand_size > 1 and input_ids is not None:
             media = self.family.repeat_media(input_ids, media, expand_size)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

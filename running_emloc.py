@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .cache_emloc import AttentionObserver, EmlocCache, MemorySelector, attention_implementation
@@ -113,6 +115,31 @@ def memory_prefix(memory: TaskMemory, from_layer: int = 0, family=None) -> list:
             entry = tuple(t.to(device) for t in entry)
         prefix.append(entry)
     return prefix
+
+
+def rows_prefix(memories: Sequence[TaskMemory], family=None) -> tuple[list, list, torch.Tensor]:
+    """Each row its own memory (`generate(memory=[...])`): per layer `(keys, values, positions)` with keys and values
+    `[batch, kv_heads, m, head_dim]` and positions `[batch, kv_heads, m]`, `m` the most tokens any row's memory holds in
+    that layer; the mask of each row's real tokens among them (`[batch, kv_heads, m]`, or None when no row is padded);
+    and where each row's queries start (`[batch]`, its memory's `next_position`). The padding is masked out, so a row
+    attends to exactly the tokens its memory alone would give it."""
+    prefix, keeps = [], []
+    for index in range(memories[0].num_layers):
+        layers = [memory.layers[index] for memory in memories]
+        width = max(layer.num_tokens for layer in layers)
+        device = family.layer_device(index) if family is not None else layers[0].keys.device
+
+        def padded(tensor):  # [kv_heads, n, ...] -> [kv_heads, width, ...], zeros after the real tokens
+            tensor = tensor.to(device)
+            return F.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, width - tensor.shape[1]])
+
+        prefix.append((torch.stack([padded(layer.keys) for layer in layers]),
+                       torch.stack([padded(layer.values) for layer in layers]),
+                       torch.stack([padded(layer.positions) for layer in layers])))
+        real = torch.arange(width, device=device)[None] < torch.tensor([layer.num_tokens for layer in layers],
+                                                                         device=device)[:, None]
+        keeps.append(None if bool(real.all()) else real[:, None, :].expand(-1, memories[0].num_kv_heads, -1))
+    return prefix, keeps, torch.tensor([memory.next_position for memory in memories], dtype=torch.long)
 
 
 def js_divergence(logits_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -250,16 +277,29 @@ class MemoryRunner:
         """Prefills a batch of queries against one shared memory; returns logits `[batch, seq | logits_to_keep,
         vocab]`, the cache and the segment (for decoding on). `select` turns on per-query selection over the memory
         (`MemorySelector`), `retrieve` retrieval of each query's nearest demonstrations (`retrieved_prefix`)."""
-        memory, cache = self.memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
-        segment = self.segment(inputs, start_position=memory.next_position)
+        if isinstance(memory, list) and (select is not None or retrieve is not None):
+            raise ValueError("select= and retrieve= take one memory for the whole batch, not a memory per row")
+        _, cache = self.memory_cache(memory, inputs["input_ids"].shape[0], inputs, retrieve)
+        segment = self.segment(inputs, start_position=cache.next_position)
         hidden, _ = run_layers(self.family, segment, cache, selector=self.selector(select, cache, segment.valid))
         return self.family.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), cache, segment
 
-    def memory_cache(self, memory: TaskMemory | None, batch_size: int, queries: dict | None = None,
+    def memory_cache(self, memory: TaskMemory | list[TaskMemory] | None, batch_size: int, queries: dict | None = None,
                      retrieve: int | None = None, exclude: torch.Tensor | None = None) -> tuple[TaskMemory, EmlocCache]:
         """The memory (empty if None) on the model's device and dtype, and a cache of `batch_size` rows starting with it
         — with `retrieve`, each row of `queries` starting with its own view of it (`retrieved_prefix`; `exclude`
-        `[batch]`: a demonstration each row may not retrieve, -1 for none)."""
+        `[batch]`: a demonstration each row may not retrieve, -1 for none); with a list of memories, each row with its
+        own memory (`rows_prefix`)."""
+        if isinstance(memory, list):
+            if len(memory) != batch_size:
+                raise ValueError(f"a list of memories takes one per row: got {len(memory)} for {batch_size} rows")
+            for each in memory:
+                self.check_fits(each)
+            memories = [each.to(device=self.device, dtype=self.family.model.dtype) for each in memory]
+            prefix, keep, start = rows_prefix(memories, family=self.family)
+            cache = EmlocCache(prefix, batch_size=batch_size, start_position=start)
+            cache.prefix_keep = keep
+            return memories, cache
         memory = memory if memory is not None else self.empty_memory()
         self.check_fits(memory)
         memory = memory.to(device=self.device, dtype=self.family.model.dtype)
@@ -363,4 +403,4 @@ class MemoryRunner:
         return gathered, keeps
 
 
-__all__ = ["ChunkState", "MemoryRunner", "Segment", "js_divergence", "memory_prefix", "run_layers"]
+__all__ = ["ChunkState", "MemoryRunner", "Segment", "js_divergence", "memory_prefix", "rows_prefix", "run_layers"]
