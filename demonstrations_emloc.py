@@ -193,6 +193,9 @@ def load_examples(source: str | os.PathLike | Iterable[dict | Example], require_
         return examples
     examples = []
     for index, record in enumerate(source):
+        if not isinstance(record, Example) and dataclasses.is_dataclass(record) and type(record).__name__ == "Example":
+            # an Example of another copy of this module (the model's and the processor's remote code load apart)
+            record = Example(**{f.name: getattr(record, f.name) for f in dataclasses.fields(Example)})
         if isinstance(record, Example):
             if require_answer and record.answer is None:
                 raise ExampleError(f"{record.where}: a demonstration needs an 'answer'")
