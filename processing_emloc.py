@@ -38,9 +38,16 @@ from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 
-# Token types, recorded per token so that memory statistics can say what was kept (paper, Fig. 5).
-TEMPLATE, TEXT, IMAGE, ANSWER = 0, 1, 2, 3
-TOKEN_TYPE_NAMES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer"}
+# Token types, recorded per token so that memory statistics can say what was kept (paper, Fig. 5). VIDEO came last:
+# memories built before it count their (image-only) visual tokens as IMAGE.
+TEMPLATE, TEXT, IMAGE, ANSWER, VIDEO = 0, 1, 2, 3, 4
+TOKEN_TYPE_NAMES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer", VIDEO: "video"}
+
+# The settings of an image or video processor that decide which frames are taken and how many visual tokens they
+# become (a memory records those a processor sets: `EmlocProcessor.rendering()`).
+VISION_SAMPLING_KEYS = ("do_sample_frames", "fps", "num_frames", "min_frames", "max_frames", "size", "min_pixels",
+                        "max_pixels", "cap_pixels_per_frame", "max_video_tokens", "patch_size", "temporal_patch_size",
+                        "merge_size")
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 EMLOC_KEY = "emloc"  # our settings live under this key of processor_config.json
@@ -57,7 +64,9 @@ class Example:
     """One demonstration or query, normalised.
 
     `content` is the user turn as a list of parts `{"type": "text", "text": str}`, `{"type": "image", "image":
-    PIL.Image}` or `{"type": "video", "video": list[PIL.Image]}`; `where` names its origin (`file.jsonl:7`).
+    PIL.Image}` or `{"type": "video", "video": list[PIL.Image] | Path}` (a video file's frames are decoded when the
+    processor expands it, sampled as the base model's video processor samples); `where` names its origin
+    (`file.jsonl:7`).
     """
 
     content: list[dict]
@@ -102,8 +111,9 @@ def _open_image(path_or_image: Any, base_dir: Path, where: str, decode: bool = T
 
 
 def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> list | Path:
-    """The frames of a video (a list of frames, a directory of frame images or a video file) as PIL images; with
-    `decode=False`, only checked: the frames' paths (or PIL images), or the video file's path."""
+    """The frames of a video given as a list of frames or a directory of frame images, as PIL images; a video file's
+    path, checked with PyAV (its frames are decoded when the processor expands it: `_read_video`). With
+    `decode=False`, only checked that the files exist: the frames' paths (or PIL images), or the video file's path."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ExampleError(f"{where}: a video needs at least one frame")
@@ -117,17 +127,37 @@ def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> 
         return [_open_image(frame, base_dir, where, decode) for frame in frames]
     if not path.is_file():
         raise ExampleError(f"{where}: video file not found: {path}")
-    if not decode:
-        return path
+    if decode:
+        _check_video_file(path, where)
+    return path
+
+
+def _check_video_file(path: Path, where: str) -> None:
+    """Raises `ExampleError` unless PyAV opens `path` as a video whose header counts its frames (what sampling by
+    `fps` or `num_frames` needs)."""
     try:
-        from transformers.video_utils import load_video
-
-        frames, _ = load_video(str(path))
-    except Exception as error:
+        import av
+    except ImportError:
+        raise ExampleError(f"{where}: video files are decoded with PyAV (pip install av); pass the frames as a list "
+                           f"or a directory instead: {path}") from None
+    try:
+        with av.open(str(path)) as container:
+            frames = container.streams.video[0].frames if container.streams.video else None
+    except Exception as error:  # PyAV raises its own error types (InvalidDataError, ...) for unreadable files
         raise ExampleError(f"{where}: cannot decode video {path} ({error}); pass its frames as a list instead") from None
-    from PIL import Image
+    if not frames:
+        reason = "has no video stream" if frames is None else "does not count its frames in its header"
+        raise ExampleError(f"{where}: video {path} {reason}; pass its frames as a list or a directory instead")
 
-    return [Image.fromarray(frame) for frame in frames]
+
+def _read_video(path: Path, video_processor) -> tuple[Any, Any]:
+    """`(frames [num_frames, height, width, 3] uint8, VideoMetadata)` of a video file decoded with PyAV: only the frames
+    `video_processor` samples (its `fps` or `num_frames`) where it samples (`do_sample_frames`), else every frame. The
+    metadata records the sampled indices, from which Qwen2.5-VL times its temporal positions."""
+    from transformers.video_utils import load_video
+
+    sample = video_processor.sample_frames if getattr(video_processor, "do_sample_frames", False) else None
+    return load_video(str(path), backend="pyav", sample_indices_fn=sample)
 
 
 def _parse_content(raw: Any, base_dir: Path, where: str, decode: bool = True) -> list[dict]:
@@ -291,7 +321,7 @@ class EncodedSpan:
 
     Attributes:
         input_ids: `[seq_len]` token ids.
-        token_types: `[seq_len]` one of TEMPLATE, TEXT, IMAGE, ANSWER.
+        token_types: `[seq_len]` one of TEMPLATE, TEXT, IMAGE, VIDEO, ANSWER.
         media: processor outputs for the span's images / video frames (`pixel_values`, `image_grid_thw`, ...),
             concatenated along dim 0 when spans are joined.
     """
@@ -802,6 +832,9 @@ class EmlocProcessor(ProcessorMixin):
             )
         if found != media:
             raise ExampleError(f"{where}: the chat template's image/video placeholders do not match the content")
+        if "video" in media and getattr(self.base_processor, "video_processor", None) is None:
+            raise ExampleError(f"{where}: a video was given, but the base processor has no video processor "
+                               f"(transformers builds one only where torchvision loads)")
 
     def _encode_tokens(self, token_ids: list[int], token_types: list[int], example: Example | None) -> EncodedSpan:
         """A span from token ids and types `[seq_len]`, each image/video placeholder expanded with the example's next
@@ -829,9 +862,12 @@ class EmlocProcessor(ProcessorMixin):
                 continue
             part = next(media)
             flush()
-            expanded = self._expand_placeholder(kind, part[kind])
+            try:
+                expanded = self._expand_placeholder(kind, part[kind])
+            except ValueError as error:  # e.g. sampling by fps asked of frames that carry no frame rate
+                raise ExampleError(f"{example.where}: the base processor refused this {kind}: {error}") from None
             ids.append(expanded.pop("input_ids"))
-            types.append(torch.full_like(ids[-1], IMAGE))
+            types.append(torch.full_like(ids[-1], IMAGE if kind == "image" else VIDEO))
             for key, value in expanded.items():
                 tensors.setdefault(key, []).append(value)
         flush()
@@ -853,7 +889,7 @@ class EmlocProcessor(ProcessorMixin):
         (`input_ids`, `[num_visual_tokens]`) and the vision inputs (`pixel_values`, `image_grid_thw`, ...)."""
         processor = self.base_processor
         token = getattr(processor, f"{kind}_token")
-        inputs = {"images": [media]} if kind == "image" else {"videos": [media]}
+        inputs = {"images": [media]} if kind == "image" else self._video_inputs(media)
         outputs = processor(text=[token], add_special_tokens=False, return_tensors="pt", **inputs)
         expanded = {"input_ids": outputs["input_ids"][0]}
         expanded.update({
@@ -862,6 +898,33 @@ class EmlocProcessor(ProcessorMixin):
             if key not in ("input_ids", "attention_mask", "mm_token_type_ids") and isinstance(value, torch.Tensor)
         })
         return expanded
+
+    def _video_inputs(self, video: list | Path) -> dict:
+        """The base processor's video arguments for a list of frames (sampled, or not, as the video processor would
+        sample any frames it is given), or for a video file: its frames decoded and sampled here (`_read_video`),
+        with the metadata that times them."""
+        if not isinstance(video, (str, os.PathLike)):
+            return {"videos": [video]}
+        frames, metadata = _read_video(Path(video), self.base_processor.video_processor)
+        return {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False}
+
+    def _vision_sampling(self) -> dict | None:
+        """The settings of the base image and video processors that decide which frames and how many visual tokens an
+        image or video becomes (those of `VISION_SAMPLING_KEYS` they set), None for a text model. Part of
+        `rendering()`."""
+        if not self.is_multimodal:
+            return None
+        settings = {}
+        for kind in ("image", "video"):
+            sub_processor = getattr(self.base_processor, f"{kind}_processor", None)
+            if sub_processor is None:
+                settings[kind] = None
+                continue
+            values = {key: getattr(sub_processor, key, None) for key in VISION_SAMPLING_KEYS}
+            if values["size"] is not None:  # a dict or transformers' SizeDict: its set entries, as JSON keeps them
+                values["size"] = {key: value for key, value in dict(values["size"]).items() if value is not None}
+            settings[kind] = {key: value for key, value in values.items() if value is not None}
+        return settings
 
     # -- public encoding ------------------------------------------------------------------------------------------------
 
@@ -942,7 +1005,8 @@ class EmlocProcessor(ProcessorMixin):
 
         `chat_template_sha256` is None for the plain rendering, which does not use the chat template;
         `tokenizer_sha256` hashes what decides the tokens: the vocabulary and merges, the added tokens, the normaliser,
-        the pre-tokeniser and the post-processor (what it puts in front of a text).
+        the pre-tokeniser and the post-processor (what it puts in front of a text); `vision` holds, for a
+        vision-language base, the image and video processors' sampling: frame rate or count, pixel caps, patch sizes.
         """
         chat_template = self._chat_template() if self.template == "chat" else None
         if chat_template is not None and not isinstance(chat_template, str):
@@ -953,6 +1017,7 @@ class EmlocProcessor(ProcessorMixin):
             "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest() if chat_template is not None else None,
             "tokenizer_sha256": self._tokenizer_sha256(),
             "tokenization": TOKENIZATION,
+            "vision": self._vision_sampling(),
         }
 
     def _tokenizer_sha256(self) -> str:
