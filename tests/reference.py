@@ -60,12 +60,14 @@ def _video_as_given(video):
 
 @torch.no_grad()
 def reference_logits(model, processor, demos, query) -> torch.Tensor:
-    """Logits `[query_len, vocab]` of the query tokens when the whole conversation is fed to the stock base model."""
+    """Logits `[query_len, vocab]` of the query tokens when the whole conversation is fed to the stock base model (its
+    inputs on the model's first device; a `device_map` model moves them on)."""
     inputs = full_inputs(processor, demos, query)
     if processor.template == "plain":  # the context's final "\n\n" tokenises differently at the end of a string
         query_text = load_examples([query], require_answer=False)[0].text + "\n"
         context = inputs["input_ids"].shape[1] - len(processor.tokenizer(query_text, add_special_tokens=False)["input_ids"])
     else:
         context = full_inputs(processor, demos)["input_ids"].shape[1]
-    logits = model.model(**inputs).logits[0]
+    device = model.model.device
+    logits = model.model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).logits[0]
     return logits[context:]

@@ -2,18 +2,17 @@
 directories and frame lists, mixed with images and text in one memory; exactness against the full context; the video
 processor's sampling recorded in the memory and checked against the processor's.
 
-The clips are real photographs (scikit-image's sample images): a window panning across each, 56x56 frames, encoded
-with a real codec (H.264 or MPEG-4 Part 2) in an MP4 container.
+The clips are real photographs (scikit-image's sample images, `examples/clips.py`): a window panning across each, 56x56
+frames, encoded with a real codec (H.264 or MPEG-4 Part 2) in an MP4 container.
 """
 
 import json
 
-import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from clips import photo_frames, write_clip
 from conftest import VL_FAMILIES, digit_image
 from memory_emloc import MemoryLoadError
 from processing_emloc import IMAGE, VIDEO, ExampleError, load_examples
@@ -22,35 +21,6 @@ from reference import full_inputs, reference_logits
 # a 56x56 frame is 4x4 patches of 14, merged 2x2; frames go in pairs (temporal patch 2): 4 frames -> 8 tokens
 TOKENS_PER_FRAME_PAIR = 4
 LOG_PROB_ATOL = 2e-3  # the issue's bound; measured here: ~2e-6
-
-
-def photo_frames(name: str, count: int = 4, size: int = 56) -> list:
-    """`count` frames of the scikit-image photograph `name`: a half-size window moving along its diagonal."""
-    import skimage.data
-
-    pixels = getattr(skimage.data, name)()
-    height, width = pixels.shape[:2]
-    window = min(height, width) // 2
-    frames = []
-    for index in range(count):
-        top, left = index * (height - window) // count, index * (width - window) // count
-        crop = Image.fromarray(pixels[top:top + window, left:left + window]).convert("RGB")
-        frames.append(crop.resize((size, size), Image.BICUBIC))
-    return frames
-
-
-def write_clip(path, frames, fps: int = 4, codec: str = "libx264"):
-    """Encodes PIL frames into an MP4 file with PyAV."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
