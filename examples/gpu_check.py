@@ -44,14 +44,15 @@ TINY_FAMILIES = ("llama", "gemma3", "qwen2-vl", "qwen2.5-vl")
 
 
 class Report:
-    """The checks' rows, printed as they come; `failed` says whether any failed."""
+    """The checks' rows, printed as they come with the seconds since the start; `failed` says whether any failed."""
 
     def __init__(self):
         self.failed = False
+        self.started = time.perf_counter()
 
     def row(self, check: str, status: str, detail: str = "") -> None:
         self.failed |= status == "FAIL"
-        print(f"{status:<5} {check:<58} {detail}", flush=True)
+        print(f"{status:<5} {time.perf_counter() - self.started:5.0f}s {check:<52} {detail}", flush=True)
 
 
 def synchronize(device: str) -> None:
@@ -108,16 +109,16 @@ def vision_query(workdir: Path) -> dict:
     return {"video": str(clip), "question": "What is in the clip?"}
 
 
-def smollm2_case(num_demos: int, num_queries: int) -> dict:
+def smollm2_case(num_demos: int, num_queries: int, exact_demos: int) -> dict:
     from offline_models import base_model_dir
     from tasks import make_task
 
     demos, queries = make_task("iris", num_demos, num_queries)
     return {"name": "SmolLM2-135M", "base": base_model_dir("smollm2-135m"), "template": "plain", "demos": demos,
-            "exact_demos": demos[:24], "query": queries[0], "queries": queries}
+            "exact_demos": demos[:exact_demos], "query": queries[0], "queries": queries}
 
 
-def own_case(path: str, workdir: Path, num_demos: int, num_queries: int) -> dict:
+def own_case(path: str, workdir: Path, num_demos: int, num_queries: int, exact_demos: int) -> dict:
     """A model of the user's: vision-language (digits and clips) or text (iris, plain rendering)."""
     from processing_emloc import EmlocProcessor
     from tasks import make_task
@@ -126,8 +127,8 @@ def own_case(path: str, workdir: Path, num_demos: int, num_queries: int) -> dict
         return {"name": Path(path).name, "base": path, "template": "chat", "demos": vision_demos(workdir),
                 "query": vision_query(workdir)}
     demos, queries = make_task("iris", num_demos, num_queries)
-    return {"name": Path(path).name, "base": path, "template": "plain", "demos": demos, "exact_demos": demos[:24],
-            "query": queries[0], "queries": queries}
+    return {"name": Path(path).name, "base": path, "template": "plain", "demos": demos,
+            "exact_demos": demos[:exact_demos], "query": queries[0], "queries": queries}
 
 
 def load(case: dict, **load_kwargs):
@@ -212,7 +213,7 @@ def spread_over_gpus(case: dict, dtype: torch.dtype) -> dict:
     return {"device_map": "auto", "max_memory": {index: share for index in range(count)} | {"cpu": 0}}
 
 
-def check_device_map(report: Report, case: dict, device: str) -> None:
+def check_device_map(report: Report, case: dict, device: str, build_demos: int) -> None:
     """`case` loaded with `device_map="auto"` (bfloat16 on GPUs; float32 on the CPU, where bfloat16 is slow)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     load_kwargs = spread_over_gpus(case, dtype) if device.startswith("cuda") else {"device_map": "auto"}
@@ -232,12 +233,12 @@ def check_device_map(report: Report, case: dict, device: str) -> None:
         ours, full = full_memory_and_full_context(model, processor, case["exact_demos"], case["query"])
         passed, detail = judge(ours, full, dtype, case.get("truth"))
         report.row(label + " exact", "PASS" if passed else "FAIL", detail)
-        memory = model.build_memory(case["demos"][:12], processor=processor)
+        memory = model.build_memory(case["demos"][:build_demos], processor=processor)
         scores = model.score_choices(case["queries"][:4], memory=memory, processor=processor)
         finite = all(torch.isfinite(torch.tensor(row)).all() for row in scores)
         report.row(label + " default build", "PASS" if finite else "FAIL",
-                   f"12 demos, kept {memory.stats['totals'].get('kept_ratio', float('nan')):.0%} of the KV; "
-                   f"4 queries scored")
+                   f"{build_demos} demos, kept {memory.stats['totals'].get('kept_ratio', float('nan')):.0%} of the KV; "
+                   f"{len(scores)} queries scored")
     except Exception as error:
         report.row(label, "FAIL", f"{type(error).__name__}: {error}"[:300])
 
@@ -249,7 +250,7 @@ def check_timings(report: Report, case: dict, device: str, dtype: torch.dtype) -
 
     model, processor = load(case, dtype=dtype, device_map={"": device})
     demos, queries = case["demos"], case["queries"]
-    model.build_memory(demos[:8], processor=processor)  # warm-up: kernels, allocator, the processor's caches
+    model.build_memory(demos[:4], processor=processor)  # warm-up: kernels, allocator, the processor's caches
     inputs = {k: v.to(device) for k, v in full_inputs(processor, demos).items() if isinstance(v, torch.Tensor)}
     model.model(**inputs)
     prefill, _ = timed(lambda: model.model(**inputs), device)
@@ -289,16 +290,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--demos", type=int, help="demonstrations of the timing run (default 90 on CUDA, 16 on the CPU)")
-    parser.add_argument("--queries", type=int, help="queries of the timing run (default 20 on CUDA, 4 on the CPU)")
+    parser.add_argument("--demos", type=int, help="demonstrations of the timing run (default 90 on CUDA, 8 on the CPU)")
+    parser.add_argument("--queries", type=int, help="queries of the timing run (default 20 on CUDA, 3 on the CPU)")
     parser.add_argument("--model", help="also check this model (a directory or a Hub id in the local cache)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
-    num_demos = args.demos or (90 if cuda else 16)
-    num_queries = args.queries or (20 if cuda else 4)
+    # the CPU part is small: a bfloat16 SmolLM2 pass and a default build are slow on a CPU (minutes on 2 cores)
+    num_demos = args.demos or (90 if cuda else 8)
+    num_queries = args.queries or (20 if cuda else 3)
+    exact_demos, build_demos = (24, 24) if cuda else (8, 6)
     # float32 means float32: no TF32 in matmuls or convolutions (the vision towers' patch embedding is a Conv3d)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -310,20 +313,19 @@ def main() -> int:
         attentions.append("flash_attention_2")
     else:
         report.row("FlashAttention 2", "SKIP", "needs CUDA and the flash_attn package" if cuda else "needs CUDA")
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
         cases = [tiny_case(family, workdir) for family in TINY_FAMILIES]
-        smollm2 = smollm2_case(num_demos, num_queries)
+        smollm2 = smollm2_case(num_demos, num_queries, exact_demos)
         cases.append(smollm2)
-        own = own_case(args.model, workdir, num_demos, num_queries) if args.model else None
+        own = own_case(args.model, workdir, num_demos, num_queries, exact_demos) if args.model else None
         if own is not None:
             cases.append(own)
         for case in cases:
             check_exactness(report, case, device, attentions)
         if not cuda:
             report.row("device_map=auto over GPUs", "SKIP", "no CUDA: device_map='auto' runs on the CPU alone")
-        check_device_map(report, smollm2, device)
+        check_device_map(report, smollm2, device, build_demos)
         for case in [smollm2] + ([own] if own is not None and "queries" in own else []):
             for dtype in ((torch.bfloat16, torch.float32) if cuda else (torch.float32,)):
                 try:
@@ -331,7 +333,7 @@ def main() -> int:
                 except Exception as error:
                     report.row(f"timings {case['name']}", "FAIL", f"{type(error).__name__}: {error}"[:300])
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
-    print(f"{'FAILED' if report.failed else 'all checks passed'} in {time.perf_counter() - started:.0f} s{peak}")
+    print(f"{'FAILED' if report.failed else 'all checks passed'} in {time.perf_counter() - report.started:.0f} s{peak}")
     return 1 if report.failed else 0
 
 
