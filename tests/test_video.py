@@ -221,11 +221,22 @@ def test_bad_videos_name_file_and_line(tiny, clips, tmp_path):
     with pytest.raises(ExampleError, match=r"<list>\[0\]: the base processor refused this video: .*`fps`"):
         at_2_fps.encode_context([{"frames": photo_frames("cat"), "question": "q", "answer": "a"}])
 
-    # a base processor without a video processor (transformers builds none without torchvision) refuses up front
-    _, image_only, _ = tiny("qwen2-vl")
-    image_only.base_processor.video_processor = None
-    with pytest.raises(ExampleError, match=r"<list>\[0\]: a video was given, but the base processor has no video"):
-        image_only.stream_context([{"video": str(clips["rocket"]), "question": "q", "answer": "a"}])
+
+
+def test_a_processor_without_a_video_processor_refuses_videos_up_front(clips, tmp_path, monkeypatch):
+    """Where torchvision does not load, the tiny repos carry an image-only processor (remote code); a video given to
+    it is refused before any work, naming the demonstration."""
+    import tiny_models
+    from processing_emloc import EmlocProcessor
+
+    monkeypatch.setattr(tiny_models, "torchvision_loads", lambda: False)
+    base = tiny_models.build_tiny_base("qwen2-vl", tmp_path / "base")
+    image_only = EmlocProcessor.from_base(str(base), trust_remote_code=True)
+    assert type(image_only.base_processor).__name__ == "TinyQwen2VLProcessor"
+    assert image_only.rendering()["vision"]["video"] is None
+    image_only.encode_context([{"image": digit_image(1)[0], "question": "Which digit?", "answer": "1"}])
+    with pytest.raises(ExampleError, match=r"<list>\[1\]: a video was given, but the base processor has no video"):
+        image_only.stream_context([{"question": "q", "answer": "a"}, {"video": str(clips["rocket"]), "question": "q", "answer": "a"}])
 
 
 @pytest.mark.parametrize("family", VL_FAMILIES)
