@@ -767,6 +767,7 @@ def _card_code(config: dict, repo_id: str | None) -> str:
     name = hub_name(base.get("name_or_path"))
     rendering = config.get("rendering") or {}
     memory_ref = json.dumps(repo_id or "path/to/this/memory")
+
     def holds(token_type: str) -> bool:
         return (config.get("token_types", {}).get(token_type, {}).get("full") or 0) > 0
 

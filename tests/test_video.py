@@ -14,7 +14,7 @@ import torch
 
 from clips import photo_frames, write_clip
 from conftest import VL_FAMILIES, digit_image
-from memory_emloc import MemoryLoadError
+from memory_emloc import MemoryLoadError, memory_card
 from processing_emloc import IMAGE, VIDEO, ExampleError, load_examples
 from reference import full_inputs, reference_logits
 
@@ -98,6 +98,8 @@ def test_the_memory_counts_video_tokens(tiny, clips, family):
     assert int((reference == config.image_token_id).sum()) == types["image"]["full"]
     context = processor.encode_context(demos)
     assert int((context.demos[0].token_types == VIDEO).sum()) == 8 and int((context.demos[0].token_types == IMAGE).sum()) == 0
+    # the memory's card shows a query in the form its demonstrations took
+    assert '{"video": "query.mp4"' in memory_card(memory.stats)
 
 
 def test_a_frame_directory_a_frame_list_and_a_video_file_give_the_same_clip(tiny, clips, tmp_path):
