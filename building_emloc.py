@@ -29,13 +29,13 @@ import torch
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
     from .cache_emloc import AttentionObserver, EmlocCache, smooth
-    from .memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, readable_share, release_freed_memory
+    from .memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, differing, readable_share, release_freed_memory
     from .processing_emloc import EmlocProcessor, EncodedSpan
     from .rendering_emloc import ANSWER, TOKEN_TYPE_NAMES
     from .running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, run_layers
 except ImportError:  # imported from the repository root as flat modules
     from cache_emloc import AttentionObserver, EmlocCache, smooth
-    from memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, readable_share, release_freed_memory
+    from memory_emloc import MemoryLayer, RetrievalIndex, TaskMemory, differing, readable_share, release_freed_memory
     from processing_emloc import EmlocProcessor, EncodedSpan
     from rendering_emloc import ANSWER, TOKEN_TYPE_NAMES
     from running_emloc import ChunkState, MemoryRunner, Segment, js_divergence, run_layers
@@ -734,14 +734,9 @@ class BuildCheckpoint:
         return name == CHECKPOINT_STATE_NAME or name.startswith(_STAGING_PREFIX) or _CHUNK_FILE.fullmatch(name) is not None
 
 
-def _differences(recorded: Any, current: Any, where: str = "") -> list[str]:
+def _differences(recorded: Any, current: Any) -> list[str]:
     """`"key: recorded then, current now"` for every (dotted) key whose value differs."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        found = []
-        for key in sorted(set(recorded) | set(current), key=str):
-            found += _differences(recorded.get(key), current.get(key), f"{where}.{key}" if where else str(key))
-        return found
-    return [] if recorded == current else [f"{where or 'arguments'}: {recorded!r} then, {current!r} now"]
+    return [f"{key or 'arguments'}: {then!r} then, {now!r} now" for key, then, now in differing(recorded, current)]
 
 
 def _write_atomically(target: Path, write) -> None:

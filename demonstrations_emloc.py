@@ -22,7 +22,9 @@ class Example:
     """One demonstration or query, normalised.
 
     `content` is the user turn as a list of parts `{"type": "text", "text": str}`, `{"type": "image", "image":
-    PIL.Image}` or `{"type": "video", "video": list[PIL.Image]}`; `where` names its origin (`file.jsonl:7`).
+    PIL.Image}` or `{"type": "video", "video": list[PIL.Image] | Path}` (a video file's frames are decoded when the
+    processor expands it, sampled as the base model's video processor samples); `where` names its origin
+    (`file.jsonl:7`).
     """
 
     content: list[dict]
@@ -67,8 +69,9 @@ def _open_image(path_or_image: Any, base_dir: Path, where: str, decode: bool = T
 
 
 def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> list | Path:
-    """The frames of a video (a list of frames, a directory of frame images or a video file) as PIL images; with
-    `decode=False`, only checked: the frames' paths (or PIL images), or the video file's path."""
+    """The frames of a video given as a list of frames or a directory of frame images, as PIL images; a video file's
+    path, checked with PyAV (its frames are decoded when the processor expands it: `read_video`). With
+    `decode=False`, only checked that the files exist: the frames' paths (or PIL images), or the video file's path."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise ExampleError(f"{where}: a video needs at least one frame")
@@ -82,17 +85,37 @@ def _open_video(video: Any, base_dir: Path, where: str, decode: bool = True) -> 
         return [_open_image(frame, base_dir, where, decode) for frame in frames]
     if not path.is_file():
         raise ExampleError(f"{where}: video file not found: {path}")
-    if not decode:
-        return path
+    if decode:
+        _check_video_file(path, where)
+    return path
+
+
+def _check_video_file(path: Path, where: str) -> None:
+    """Raises `ExampleError` unless PyAV opens `path` as a video whose header counts its frames (what sampling by
+    `fps` or `num_frames` needs)."""
     try:
-        from transformers.video_utils import load_video
-
-        frames, _ = load_video(str(path))
-    except Exception as error:
+        import av
+    except ImportError:
+        raise ExampleError(f"{where}: video files are decoded with PyAV (pip install av); pass the frames as a list "
+                           f"or a directory instead: {path}") from None
+    try:
+        with av.open(str(path)) as container:
+            frames = container.streams.video[0].frames if container.streams.video else None
+    except Exception as error:  # PyAV raises its own error types (InvalidDataError, ...) for unreadable files
         raise ExampleError(f"{where}: cannot decode video {path} ({error}); pass its frames as a list instead") from None
-    from PIL import Image
+    if not frames:
+        reason = "has no video stream" if frames is None else "does not count its frames in its header"
+        raise ExampleError(f"{where}: video {path} {reason}; pass its frames as a list or a directory instead")
 
-    return [Image.fromarray(frame) for frame in frames]
+
+def read_video(path: Path, video_processor) -> tuple[Any, Any]:
+    """`(frames [num_frames, height, width, 3] uint8, VideoMetadata)` of a video file decoded with PyAV: only the frames
+    `video_processor` samples (its `fps` or `num_frames`) where it samples (`do_sample_frames`), else every frame. The
+    metadata records the sampled indices, from which Qwen2.5-VL times its temporal positions."""
+    from transformers.video_utils import load_video
+
+    sample = video_processor.sample_frames if getattr(video_processor, "do_sample_frames", False) else None
+    return load_video(str(path), backend="pyav", sample_indices_fn=sample)
 
 
 def _parse_content(raw: Any, base_dir: Path, where: str, decode: bool = True) -> list[dict]:
@@ -248,4 +271,4 @@ def examples_sha256(examples: Sequence[Example]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["Example", "ExampleError", "decode_media", "examples_sha256", "load_examples", "parse_example"]
+__all__ = ["Example", "ExampleError", "decode_media", "examples_sha256", "load_examples", "parse_example", "read_video"]

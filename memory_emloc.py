@@ -34,7 +34,7 @@ MEMORY_CONFIG_NAME = "memory_config.json"
 MEMORY_CARD_NAME = "README.md"
 FORMAT_VERSION = 2  # 2: a retrieval index per memory (`RetrievalIndex`); 1 still loads, without one
 READABLE_VERSIONS = (1, 2)
-TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")  # indexed by processing_emloc's token type ids
+TOKEN_TYPE_NAMES = ("template", "text", "image", "answer", "video")  # indexed by rendering_emloc's token type ids
 
 
 class MemoryLoadError(ValueError):
@@ -46,8 +46,10 @@ def check_rendering(stats: dict, rendering: dict) -> None:
     """Raises `MemoryLoadError` unless a memory (its `stats`, i.e. `memory_config.json`) was rendered and tokenised
     the way a processor renders (`rendering`, from `EmlocProcessor.rendering()`), naming every field that differs.
 
-    A query rendered otherwise than the demonstrations in the memory (another template, instruction, chat template or
-    tokenizer) is answered silently wrong, so the mismatch is refused rather than warned about.
+    A query rendered otherwise than the demonstrations in the memory (another template, instruction, chat template,
+    tokenizer, or image and video sampling) is answered silently wrong, so the mismatch is refused rather than warned
+    about. Nested settings are named by their path (`vision.video.fps`). A memory built before emloc recorded the
+    vision processors' sampling (no `vision` entry) is not checked for it.
     """
     recorded = stats.get("rendering") or {}
     if not recorded.get("tokenization"):
@@ -55,12 +57,23 @@ def check_rendering(stats: dict, rendering: dict) -> None:
             "memory records no tokenization: it was built with per-segment tokenisation by an older emloc, whose tokens "
             "can differ from the model's tokenisation of the whole text; rebuild it with build_memory"
         )
-    differing = [key for key in rendering if recorded.get(key) != rendering[key]]
-    if differing:
+    checked = [key for key in rendering if key != "vision" or "vision" in recorded]
+    found = [entry for key in checked for entry in differing(recorded.get(key), rendering[key], key)]
+    if found:
         raise MemoryLoadError(
-            "memory was rendered with " + ", ".join(f"{key}={recorded.get(key)!r}" for key in differing)
-            + "; this processor renders " + ", ".join(f"{key}={rendering[key]!r}" for key in differing)
+            "memory was rendered with " + ", ".join(f"{key}={then!r}" for key, then, _ in found)
+            + "; this processor renders " + ", ".join(f"{key}={now!r}" for key, _, now in found)
         )
+
+
+def differing(recorded: Any, current: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """`(dotted key, recorded value, current value)` for every key whose value differs, nested dicts walked."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            found += differing(recorded.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+        return found
+    return [] if recorded == current else [(where, recorded, current)]
 
 
 def config_sliding_windows(text_config) -> list[int | None]:
@@ -606,8 +619,12 @@ def _card_code(config: dict, repo_id: str | None) -> str:
     name = hub_name(base.get("name_or_path"))
     rendering = config.get("rendering") or {}
     memory_ref = json.dumps(repo_id or "path/to/this/memory")
-    images = (config.get("token_types", {}).get("image", {}).get("full") or 0) > 0
-    query = '{"image": "query.png", "question": "..."}' if images else '{"question": "..."}'
+
+    def holds(token_type: str) -> bool:
+        return (config.get("token_types", {}).get(token_type, {}).get("full") or 0) > 0
+
+    query = ('{"video": "query.mp4", "question": "..."}' if holds("video") else
+             '{"image": "query.png", "question": "..."}' if holds("image") else '{"question": "..."}')
     renders = ""
     if rendering.get("template"):
         renders = f"template={json.dumps(rendering['template'])}" + (

@@ -26,14 +26,20 @@ from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
-    from .demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples
-    from .rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION,
+    from .demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples, read_video
+    from .rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION, VIDEO,
                                   RenderedText, Renderer, Token, TokenizationError)
 except ImportError:  # imported from the repository root as flat modules
-    from demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples
-    from rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION,
+    from demonstrations_emloc import Example, ExampleError, decode_media, examples_sha256, load_examples, read_video
+    from rendering_emloc import (ANSWER, IMAGE, PREFIX_OWNER, STAND_IN, TEMPLATE, TEMPLATES, TOKENIZATION, VIDEO,
                                  RenderedText, Renderer, Token, TokenizationError)
 
+
+# The settings of an image or video processor that decide which frames are taken and how many visual tokens they
+# become (a memory records those a processor sets: `EmlocProcessor.rendering()`).
+VISION_SAMPLING_KEYS = ("do_sample_frames", "fps", "num_frames", "min_frames", "max_frames", "size", "min_pixels",
+                        "max_pixels", "cap_pixels_per_frame", "max_video_tokens", "patch_size", "temporal_patch_size",
+                        "merge_size")
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 EMLOC_KEY = "emloc"  # our settings live under this key of processor_config.json
@@ -50,7 +56,7 @@ class EncodedSpan:
 
     Attributes:
         input_ids: `[seq_len]` token ids.
-        token_types: `[seq_len]` one of TEMPLATE, TEXT, IMAGE, ANSWER.
+        token_types: `[seq_len]` one of TEMPLATE, TEXT, IMAGE, VIDEO, ANSWER.
         media: processor outputs for the span's images / video frames (`pixel_values`, `image_grid_thw`, ...),
             concatenated along dim 0 when spans are joined.
     """
@@ -315,6 +321,9 @@ class EmlocProcessor(ProcessorMixin):
             )
         if found != media:
             raise ExampleError(f"{where}: the chat template's image/video placeholders do not match the content")
+        if "video" in media and getattr(self.base_processor, "video_processor", None) is None:
+            raise ExampleError(f"{where}: a video was given, but the base processor has no video processor "
+                               f"(transformers builds one only where torchvision loads)")
 
     def _encode_tokens(self, token_ids: list[int], token_types: list[int], example: Example | None) -> EncodedSpan:
         """A span from token ids and types `[seq_len]`, each image/video placeholder expanded with the example's next
@@ -342,9 +351,12 @@ class EmlocProcessor(ProcessorMixin):
                 continue
             part = next(media)
             flush()
-            expanded = self._expand_placeholder(kind, part[kind])
+            try:
+                expanded = self._expand_placeholder(kind, part[kind])
+            except ValueError as error:  # e.g. sampling by fps asked of frames that carry no frame rate
+                raise ExampleError(f"{example.where}: the base processor refused this {kind}: {error}") from None
             ids.append(expanded.pop("input_ids"))
-            types.append(torch.full_like(ids[-1], IMAGE))
+            types.append(torch.full_like(ids[-1], IMAGE if kind == "image" else VIDEO))
             for key, value in expanded.items():
                 tensors.setdefault(key, []).append(value)
         flush()
@@ -366,7 +378,7 @@ class EmlocProcessor(ProcessorMixin):
         (`input_ids`, `[num_visual_tokens]`) and the vision inputs (`pixel_values`, `image_grid_thw`, ...)."""
         processor = self.base_processor
         token = getattr(processor, f"{kind}_token")
-        inputs = {"images": [media]} if kind == "image" else {"videos": [media]}
+        inputs = {"images": [media]} if kind == "image" else self._video_inputs(media)
         outputs = processor(text=[token], add_special_tokens=False, return_tensors="pt", **inputs)
         expanded = {"input_ids": outputs["input_ids"][0]}
         expanded.update({
@@ -375,6 +387,33 @@ class EmlocProcessor(ProcessorMixin):
             if key not in ("input_ids", "attention_mask", "mm_token_type_ids") and isinstance(value, torch.Tensor)
         })
         return expanded
+
+    def _video_inputs(self, video: list | Path) -> dict:
+        """The base processor's video arguments for a list of frames (sampled, or not, as the video processor would
+        sample any frames it is given), or for a video file: its frames decoded and sampled here (`read_video`),
+        with the metadata that times them."""
+        if not isinstance(video, (str, os.PathLike)):
+            return {"videos": [video]}
+        frames, metadata = read_video(Path(video), self.base_processor.video_processor)
+        return {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False}
+
+    def _vision_sampling(self) -> dict | None:
+        """The settings of the base image and video processors that decide which frames and how many visual tokens an
+        image or video becomes (those of `VISION_SAMPLING_KEYS` they set), None for a text model. Part of
+        `rendering()`."""
+        if not self.is_multimodal:
+            return None
+        settings = {}
+        for kind in ("image", "video"):
+            sub_processor = getattr(self.base_processor, f"{kind}_processor", None)
+            if sub_processor is None:
+                settings[kind] = None
+                continue
+            values = {key: getattr(sub_processor, key, None) for key in VISION_SAMPLING_KEYS}
+            if values["size"] is not None:  # a dict or transformers' SizeDict: its set entries, as JSON keeps them
+                values["size"] = {key: value for key, value in dict(values["size"]).items() if value is not None}
+            settings[kind] = {key: value for key, value in values.items() if value is not None}
+        return settings
 
     # -- public encoding ------------------------------------------------------------------------------------------------
 
@@ -455,7 +494,8 @@ class EmlocProcessor(ProcessorMixin):
 
         `chat_template_sha256` is None for the plain rendering, which does not use the chat template;
         `tokenizer_sha256` hashes what decides the tokens: the vocabulary and merges, the added tokens, the normaliser,
-        the pre-tokeniser and the post-processor (what it puts in front of a text).
+        the pre-tokeniser and the post-processor (what it puts in front of a text); `vision` holds, for a
+        vision-language base, the image and video processors' sampling: frame rate or count, pixel caps, patch sizes.
         """
         chat_template = self._chat_template() if self.template == "chat" else None
         if chat_template is not None and not isinstance(chat_template, str):
@@ -466,6 +506,7 @@ class EmlocProcessor(ProcessorMixin):
             "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest() if chat_template is not None else None,
             "tokenizer_sha256": self._tokenizer_sha256(),
             "tokenization": TOKENIZATION,
+            "vision": self._vision_sampling(),
         }
 
     def _tokenizer_sha256(self) -> str:

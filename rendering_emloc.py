@@ -24,9 +24,10 @@ except ImportError:  # imported from the repository root as flat modules
     from demonstrations_emloc import Example, ExampleError
 
 
-# Token types, recorded per token so that memory statistics can say what was kept (paper, Fig. 5).
-TEMPLATE, TEXT, IMAGE, ANSWER = 0, 1, 2, 3
-TOKEN_TYPE_NAMES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer"}
+# Token types, recorded per token so that memory statistics can say what was kept (paper, Fig. 5). VIDEO came last:
+# memories built before it count their (image-only) visual tokens as IMAGE.
+TEMPLATE, TEXT, IMAGE, ANSWER, VIDEO = 0, 1, 2, 3, 4
+TOKEN_TYPE_NAMES = {TEMPLATE: "template", TEXT: "text", IMAGE: "image", ANSWER: "answer", VIDEO: "video"}
 TEMPLATES = ("chat", "plain")
 PREFIX_OWNER = -1  # owner of the template prefix; demonstration `i` owns its characters as `i`
 TOKENIZATION = "whole-text"  # recorded in memories: how rendered text became tokens (design §7)
@@ -309,4 +310,5 @@ class Renderer:
         return tokens
 
 
-__all__ = ["ANSWER", "IMAGE", "TEMPLATE", "TEXT", "TOKEN_TYPE_NAMES", "RenderedText", "Renderer", "TokenizationError"]
+__all__ = ["ANSWER", "IMAGE", "TEMPLATE", "TEXT", "TOKEN_TYPE_NAMES", "VIDEO", "RenderedText", "Renderer",
+           "TokenizationError"]

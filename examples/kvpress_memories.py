@@ -61,10 +61,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from memory_emloc import (MemoryLayer, TaskMemory, base_model_fingerprint, config_sliding_windows,  # noqa: E402
-                          readable_share)  # (torch/safetensors only)
+from memory_emloc import (TOKEN_TYPE_NAMES, MemoryLayer, TaskMemory, base_model_fingerprint,  # noqa: E402
+                          config_sliding_windows, readable_share)  # (torch/safetensors only)
 
-TOKEN_TYPE_NAMES = ("template", "text", "image", "answer")
 MATCH_ATOL = 1e-5
 
 

@@ -13,8 +13,10 @@ tokenizer (text families) or processor (vision-language families):
   vision tower; a 56x56 image becomes 4 visual tokens.
 
 The tokenizer is SmolLM2's (a real BPE vocabulary, from :mod:`offline_models`) with a ChatML
-chat template of our own; the vision families add Qwen's vision tokens to it and ship an
-image-only Qwen processor as remote code (videos need torchvision, which this machine lacks).
+chat template of our own; the vision families add Qwen's vision tokens to it and ship transformers'
+own Qwen processor with an image and a video processor (56x56 pixels: a 4-frame clip is 8 visual
+tokens). Video processors need torchvision; where it does not load (absent, or built for another
+torch), they ship an image-only Qwen processor as remote code instead.
 
 Usage: ``python examples/tiny_models.py FAMILY OUTDIR`` writes an Emloc repo (:func:`build_tiny_emloc`) and prints
 OUTDIR; ``--base`` writes the plain base checkpoint instead.
@@ -160,10 +162,10 @@ def _qwen2_5_vl(tokenizer):
 
 
 # transformers 5.x builds Qwen2VLProcessor / Qwen2_5_VLProcessor only with a video processor, and
-# its video processors need torchvision, which has no CPU wheel on this machine's package index
-# (the PyPI wheel is built against CUDA torch and fails to import with the CPU torch here). So the
-# VL checkpoints ship these image-only subclasses as remote code: same text and image pipeline,
-# no videos. Load with AutoProcessor.from_pretrained(dir, trust_remote_code=True).
+# its video processors need torchvision. Where torchvision does not load (not installed, or a build
+# for another torch, whose operators fail to register), the VL checkpoints ship these image-only
+# subclasses as remote code: same text and image pipeline, no videos. Load with
+# AutoProcessor.from_pretrained(dir, trust_remote_code=True).
 _PROCESSOR_MODULE = "processing_tiny_qwen_vl"
 _PROCESSOR_CLASSES = {"qwen2-vl": "TinyQwen2VLProcessor", "qwen2.5-vl": "TinyQwen2_5_VLProcessor"}
 _PROCESSOR_SOURCE = '''"""Image-only Qwen2-VL / Qwen2.5-VL processors (written by emloc's examples/tiny_models.py).
@@ -203,15 +205,38 @@ class TinyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
 '''
 
 
-def _save_qwen_processor(family: str, tokenizer, out: pathlib.Path) -> None:
-    """Write the processor: tokenizer, a 56x56-pixel image processor, and the remote-code class.
+def torchvision_loads() -> bool:
+    """Whether torchvision imports with this torch (transformers' video processors need it)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent (ImportError), or built for another torch: its operators fail to register (RuntimeError)
+        return False
+    return True
 
-    Qwen2.5-VL uses the Qwen2-VL image processor class in transformers 5.x (it maps
-    ``qwen2_5_vl`` to ``Qwen2VLImageProcessor``), so both families share it.
+
+def _save_qwen_processor(family: str, tokenizer, out: pathlib.Path) -> None:
+    """Write the processor: tokenizer, 56x56-pixel image and video processors, as transformers' own Qwen processor
+    where torchvision loads, else an image-only remote-code class.
+
+    Qwen2.5-VL uses the Qwen2-VL image and video processor classes in transformers 5.x (it maps
+    ``qwen2_5_vl`` to ``Qwen2VLImageProcessor`` and ``Qwen2VLVideoProcessor``), so both families share them.
     """
     from transformers import Qwen2VLImageProcessor
 
-    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": _IMAGE_PIXELS, "longest_edge": _IMAGE_PIXELS})
+    size = {"shortest_edge": _IMAGE_PIXELS, "longest_edge": _IMAGE_PIXELS}
+    image_processor = Qwen2VLImageProcessor(size=size)
+    if torchvision_loads():
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        processor_class = Qwen2VLProcessor if family == "qwen2-vl" else Qwen2_5_VLProcessor
+        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    # the per-frame cap of the reference implementation, which transformers
+                                    # warns will become its default (a 56x56 frame is under it either way)
+                                    video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
+                                    chat_template=tokenizer.chat_template)
+        processor.save_pretrained(out)
+        tokenizer.save_pretrained(out)  # the chat template as the tokenizer's too (AutoTokenizer users)
+        return
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)  # also writes the chat template (chat_template.jinja)
     (out / f"{_PROCESSOR_MODULE}.py").write_text(_PROCESSOR_SOURCE)
@@ -229,8 +254,8 @@ def build_tiny_base(family: str, outdir: str | os.PathLike, seed: int = 0) -> pa
     ``outdir`` then holds config.json, model.safetensors, generation_config.json (eos/pad from the
     tokenizer) and the tokenizer, plus the processor files for the vision families. It loads
     offline with ``AutoModelForCausalLM`` / ``AutoTokenizer`` (llama, gemma3) or
-    ``AutoModelForImageTextToText`` / ``AutoProcessor(..., trust_remote_code=True)`` (qwen2-vl,
-    qwen2.5-vl; ``AutoTokenizer`` works for them too).
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` (qwen2-vl, qwen2.5-vl; ``trust_remote_code=True`` where
+    torchvision does not load and the processor is the image-only remote-code class; ``AutoTokenizer`` works too).
     """
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")

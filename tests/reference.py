@@ -33,18 +33,41 @@ def full_inputs(processor, demos, query=None) -> dict:
     if not processor.is_multimodal:
         ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    images = [p["image"] for e in examples + ([query_example] if query_example else []) for p in e.content if p["type"] == "image"]
-    return dict(processor.base_processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt"))
+    parts = [p for e in examples + ([query_example] if query_example else []) for p in e.content]
+    images = [p["image"] for p in parts if p["type"] == "image"]
+    videos = [_video_as_given(p["video"]) for p in parts if p["type"] == "video"]
+    media = {"videos": [v for v, _ in videos], "video_metadata": [m for _, m in videos]} if videos else {}
+    return dict(processor.base_processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt",
+                                         **media))
+
+
+def _video_as_given(video):
+    """`(frames [num_frames, height, width, 3], metadata)` as a user hands a video to the stock processor: a file decoded
+    whole with PyAV (the video processor samples its frames), or the list of frames stacked (as transformers stacks
+    one; the processor takes every video of a call in one format)."""
+    import av
+    import numpy as np
+
+    if isinstance(video, (list, tuple)):
+        return np.stack([np.asarray(frame) for frame in video]), {
+            "total_num_frames": len(video), "fps": None, "frames_indices": list(range(len(video)))}
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+        fps = float(stream.average_rate)
+    return frames, {"total_num_frames": len(frames), "fps": fps, "frames_indices": list(range(len(frames)))}
 
 
 @torch.no_grad()
 def reference_logits(model, processor, demos, query) -> torch.Tensor:
-    """Logits `[query_len, vocab]` of the query tokens when the whole conversation is fed to the stock base model."""
+    """Logits `[query_len, vocab]` of the query tokens when the whole conversation is fed to the stock base model (its
+    inputs on the model's first device; a `device_map` model moves them on)."""
     inputs = full_inputs(processor, demos, query)
     if processor.template == "plain":  # the context's final "\n\n" tokenises differently at the end of a string
         query_text = load_examples([query], require_answer=False)[0].text + "\n"
         context = inputs["input_ids"].shape[1] - len(processor.tokenizer(query_text, add_special_tokens=False)["input_ids"])
     else:
         context = full_inputs(processor, demos)["input_ids"].shape[1]
-    logits = model.model(**inputs).logits[0]
+    device = model.model.device
+    logits = model.model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).logits[0]
     return logits[context:]
