@@ -425,6 +425,21 @@ def check_not_retired(options: dict) -> None:
             )
 
 
+def method_params_for(method: str, params: dict, config) -> dict:
+    """`params` checked for `method` (an unknown or retired option refused), with the model config's `delta`, `ratios`
+    and `probe` as the defaults of the paper's rule (other methods bring their own)."""
+    if method not in COMPRESSION_METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(COMPRESSION_METHODS)}")
+    check_not_retired(params)
+    accepted = set(COMPRESSION_METHODS[method].__dataclass_fields__)
+    unknown = set(params) - accepted
+    if unknown:
+        raise TypeError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
+    defaults = {"delta": config.delta, "ratios": tuple(config.ratios), "probe": config.probe} \
+        if method == EmlocMethod.name else {}
+    return {**defaults, **params}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The builder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -762,4 +777,5 @@ def _write_atomically(target: Path, write) -> None:
 
 
 __all__ = ["COMPRESSION_METHODS", "BuildCheckpoint", "CheckpointError", "CompressionMethod", "EmlocMethod",
-           "EmlocQueryMethod", "FullMethod", "MemoryBuilder", "Probe", "RandomMethod", "register_method"]
+           "EmlocQueryMethod", "FullMethod", "MemoryBuilder", "Probe", "RandomMethod", "method_params_for",
+           "register_method"]

@@ -224,13 +224,16 @@ class Validation:
         """The memory asked every recipe on the held-out rows: per recipe its `measure`, and the chosen recipe — the
         most accurate, then the likeliest gold answers, then the simplest."""
         started = time.perf_counter()
-        measured = {}
+        measured, answers = {}, {}
         for recipe in self.recipes:
-            measured[recipe.name] = measure(self.ask(memory, recipe), self.gold, self.zero, self.full)
+            scores = self.ask(memory, recipe)
+            measured[recipe.name], answers[recipe.name] = measure(scores, self.gold, self.zero, self.full), \
+                scores.predictions()
         order = {recipe.name: rank for rank, recipe in enumerate(self.recipes)}
         chosen = max(measured, key=lambda name: (measured[name]["accuracy"], measured[name]["gold_log_prob"],
                                                  -order[name]))
-        return {"recipe": chosen, "recipes": measured, "seconds": round(time.perf_counter() - started, 3)}
+        return {"recipe": chosen, "recipes": measured, "predictions": answers[chosen],
+                "seconds": round(time.perf_counter() - started, 3)}
 
     def ask(self, memory: TaskMemory, recipe: Recipe) -> HeldOutScores:
         scores = score_examples(self.runner, self.rows, memory, self.processor, retrieve=recipe.retrieve)
@@ -243,13 +246,15 @@ class Validation:
         return HeldOutScores.from_scores(scores)
 
     def summary(self) -> dict:
-        """What the references say on their own: rows, zero-shot and full-context accuracy."""
+        """What the references say on their own: rows, zero-shot and full-context accuracy, and per row the answer (an
+        index into its choices) of each, beside the gold one."""
         count = len(self.gold)
         return {
             "rows": count,
             "zero_shot_accuracy": round(sum(p == g for p, g in zip(self.zero.predictions(), self.gold)) / count, 4),
             "full_accuracy": round(sum(p == g for p, g in zip(self.full.predictions(), self.gold)) / count, 4),
             "reference_seconds": round(self.seconds, 3),
+            "answers": {"gold": self.gold, "zero_shot": self.zero.predictions(), "full": self.full.predictions()},
         }
 
 
@@ -304,8 +309,12 @@ def certified_build(build, examples: list[Example], runner: MemoryRunner, proces
             break
     final = tried[-1]
     grown = build(final["method"], ladder_rung(final["rung"], method, params)[1], held_rows, memory, "held-out")
+    summary = validation.summary()
+    summary["answers"]["memory"] = final.pop("predictions")
+    for entry in tried:
+        entry.pop("predictions", None)
     grown.stats["certificate"] = {
-        **validation.summary(), "held_out": held, "target": target, "met": target is None or meets(final, target),
+        **summary, "held_out": held, "target": target, "met": target is None or meets(final, target),
         "recipe": final["recipe"], **final["recipes"][final["recipe"]], "rung": final["rung"], "rungs": tried,
         "seconds": round(validation.seconds + sum(entry["seconds"] for entry in tried), 3),
     }

@@ -68,10 +68,11 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
 
     load_examples(demos)  # a bad line fails here, before minutes of model loading
     emloc_model, processor = _load_model(model, device=device, template=template, instruction=instruction)
-    library = sys.modules[type(emloc_model).__module__]
-    methods = library.COMPRESSION_METHODS
+    from building_emloc import check_not_retired
+
+    methods = sys.modules[type(emloc_model).__module__].COMPRESSION_METHODS
     try:
-        library.check_not_retired(params)
+        check_not_retired(params)
     except ValueError as error:
         raise UsageError(f"--{next(iter(params)).replace('_', '-')}: {error}") from None
     name = method or getattr(emloc_model.config, "method", None) or "emloc"

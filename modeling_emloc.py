@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # loaded as remote code: transformers makes a package of the repository's modules
-    from .building_emloc import COMPRESSION_METHODS, EmlocMethod, MemoryBuilder, check_not_retired
+    from .building_emloc import COMPRESSION_METHODS, MemoryBuilder, method_params_for
     from .certificate_emloc import Recipe, certified_build
     from .configuration_emloc import EmlocConfig
     from .memory_emloc import (MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering,
@@ -37,7 +37,7 @@ try:  # loaded as remote code: transformers makes a package of the repository's 
     from .running_emloc import EmlocCache, MemoryRunner, run_layers
     from .scoring_emloc import calibrated_scores, choice_priors, estimate_choice_prior, score_examples
 except ImportError:  # imported from the repository root as flat modules
-    from building_emloc import COMPRESSION_METHODS, EmlocMethod, MemoryBuilder, check_not_retired
+    from building_emloc import COMPRESSION_METHODS, MemoryBuilder, method_params_for
     from certificate_emloc import Recipe, certified_build
     from configuration_emloc import EmlocConfig
     from memory_emloc import (MemoryLoadError, TaskMemory, base_model_fingerprint, check_rendering,
@@ -672,7 +672,7 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
         """
         started = time.perf_counter()
         method = method or self.config.method
-        params = self._method_params(method, method_params)
+        params = method_params_for(method, method_params, self.config)
         for name, value in (("calibration_rows", calibration_rows), ("validation", validation)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -684,7 +684,7 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
 
         def build(name: str, options: dict, demonstrations: list, extend: TaskMemory | None, step: str | None = None):
             directory = None if checkpoint_dir is None else Path(checkpoint_dir) / step if step else checkpoint_dir
-            builder = MemoryBuilder(self.runner, processor, COMPRESSION_METHODS[name](**self._method_params(name, options)),
+            builder = MemoryBuilder(self.runner, processor, COMPRESSION_METHODS[name](**method_params_for(name, options, self.config)),
                                     chunk_size or self.config.chunk_size, self.config.pool_width, progress=progress,
                                     checkpoint_dir=directory, retrieval_layer=layer, drop_unreadable=drop_unreadable,
                                     base_model=self._base_model_record())
@@ -710,20 +710,6 @@ class EmlocForConditionalGeneration(EmlocMemoryMixin, EmlocPreTrainedModel, Gene
         previous = append_to.stats.get("build", {}).get("seconds", 0.0) if append_to is not None else 0.0
         memory.stats["build"]["seconds"] = round(previous + time.perf_counter() - started, 3)
         return memory
-
-    def _method_params(self, method: str, params: dict) -> dict:
-        """`params` checked for `method` (unknown and retired options refused), with the config's `delta`, `ratios`
-        and `probe` as the defaults of the paper's rule (other methods bring their own)."""
-        if method not in COMPRESSION_METHODS:
-            raise ValueError(f"unknown method {method!r}; available: {sorted(COMPRESSION_METHODS)}")
-        check_not_retired(params)
-        accepted = set(COMPRESSION_METHODS[method].__dataclass_fields__)
-        unknown = set(params) - accepted
-        if unknown:
-            raise TypeError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
-        defaults = {"delta": self.config.delta, "ratios": tuple(self.config.ratios), "probe": self.config.probe} \
-            if method == EmlocMethod.name else {}
-        return {**defaults, **params}
 
     @torch.no_grad()
     def index_memory(self, memory: TaskMemory, demos, processor: EmlocProcessor, retrieval_layer: int | None = None) -> TaskMemory:

@@ -393,10 +393,10 @@ def test_scaling_records_each_build_in_a_fresh_process_and_replaces_a_rerun(tmp_
     benchmark.write_report(out, {}, args, scaling=again)
     assert "| tiny-llama | iris | default | 6 |" in (out / "report.md").read_text()
     # a method with options builds with them, beside the plain one
-    rows = benchmark.run_scaling(out, "iris", [6], ["default[reuse=floor]"], model=str(repo), chunk_size=2)
-    floor = next(r for r in rows if r["method"] == "default[reuse=floor]")
-    assert floor["memory_method"] == "emloc-query" and floor["memory_params"]["reuse"] == "floor"
-    assert next(r for r in rows if r["method"] == "default")["memory_params"]["reuse"] == "none"
+    rows = benchmark.run_scaling(out, "iris", [6], ["default[relative=none]"], model=str(repo), chunk_size=2)
+    fixed = next(r for r in rows if r["method"] == "default[relative=none]")
+    assert fixed["memory_method"] == "emloc-query" and fixed["memory_params"]["relative"] is None
+    assert next(r for r in rows if r["method"] == "default")["memory_params"]["relative"] == 0.5
 
 
 def test_a_share_recorded_over_the_whole_context_is_marked_where_the_model_has_sliding_windows(tmp_path):

