@@ -115,3 +115,30 @@ def test_a_gain_over_groups_is_the_mean_of_the_groups_gains_in_the_estimate_and_
     assert [result["low"], result["high"]] == pytest.approx(np.quantile(samples, [0.025, 0.975]))
     pooled = paired_bootstrap(values, gains=[("memory", "zero", "full")], groups=splits, resamples=300, seed=5)
     assert pooled["gain"]["memory"]["estimate"] == pytest.approx(gain(memory, zero, full))
+
+
+def test_certificates_are_pooled_per_pair_and_set_beside_what_the_queries_measured():
+    """Two splits' certificates (their held-out rows' answers) pool into one retained gain with an interval; a pair is
+    flagged when a split's certificate fell under 70 % or collapsed, weak when the queries did."""
+    import benchmark
+
+    def split(memory, collapsed=False, recipe="calibrated"):
+        certificate = {"answers": {"gold": [0, 1, 2, 0, 1, 2, 0, 1], "zero_shot": [0] * 8, "full": [0, 1, 2, 0, 1, 2, 0, 0],
+                                   "memory": memory}, "retained_gain": 0.5 if collapsed else 1.0, "collapsed": collapsed,
+                       "recipe": recipe, "rung": "asked", "met": not collapsed, "seconds": 3.0}
+        return {"results": {"methods": {"user": {"memory_stats": {"certificate": certificate}, "predictions": ["a", "b"] * 10},
+                                        "full": {"predictions": ["a", "b"] * 10}}}}
+
+    models = {"m": {"tasks": {"t": {"splits_data": [split([0, 1, 2, 0, 1, 2, 0, 0]), split([0, 1, 0, 0, 1, 0, 0, 0], True)],
+                                    "methods": {"user": {"retained_gain": {"estimate": 0.8, "low": 0.6, "high": 0.95}}}}}}}
+    [pair] = benchmark.certificate_pairs(models, resamples=200)
+    # zero-shot is right on 6 of the 16 pooled rows (every gold 0): the gain is counted over the pooled rows
+    gold = [0, 1, 2, 0, 1, 2, 0, 1] * 2
+    memory = [0, 1, 2, 0, 1, 2, 0, 0] + [0, 1, 0, 0, 1, 0, 0, 0]
+    full = [0, 1, 2, 0, 1, 2, 0, 0] * 2
+    right = lambda answers: sum(a == g for a, g in zip(answers, gold))  # noqa: E731
+    assert pair["certificate"]["estimate"] == pytest.approx((right(memory) - 6) / (right(full) - 6))
+    assert pair["certificate"]["low"] <= pair["certificate"]["estimate"] <= pair["certificate"]["high"]
+    assert pair["rows"] == 16 and pair["splits"] == 2 and pair["recipes"] == {"calibrated": 2}
+    assert pair["flagged"] and not pair["weak"] and pair["met"] == 1
+    assert pair["contains"] == (pair["certificate"]["low"] <= 0.8 <= pair["certificate"]["high"])
