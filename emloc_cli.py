@@ -92,7 +92,7 @@ def build(demos: str, model: str, out: str, method: str | None = None, chunk_siz
     return path
 
 
-def ask(memory: str, question: str, image: list[str] | None = None, choices: str | None = None,
+def ask(memory: str, question: str, image: list[str] | None = None, video: str | None = None, choices: str | None = None,
         model: str | None = None, max_new_tokens: int = 32, device: str | None = None,
         retrieve: int | None = None, calibrate: bool = False, recipe: str | None = None) -> str | list:
     """Answer a question from a task memory (`model.load_memory`, then `model.generate` or `model.score_choices`).
@@ -104,6 +104,7 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
         memory: a memory directory or Hub repo id.
         question: the question, asked as the demonstrations asked theirs.
         image: an image for the question (repeat for several; vision-language models).
+        video: a video file (or a directory of frames) for the question (vision-language models).
         choices: comma-separated answers to score instead of generating one.
         model: the Emloc repo (or base model) to answer with; default: the one the memory's config records.
         max_new_tokens: the longest answer, in tokens.
@@ -147,6 +148,8 @@ def ask(memory: str, question: str, image: list[str] | None = None, choices: str
     query = {"question": question}
     if image:
         query["images"] = list(image)
+    if video:
+        query["video"] = video
     if options is not None:
         explicit = {"retrieve": retrieve} if retrieve is not None else {}
         if calibrate:
@@ -470,6 +473,7 @@ def _parser() -> argparse.ArgumentParser:
     argument("memory", "memory", metavar="MEMORY")
     argument("question", "question")
     argument("image", "--image", action="append", metavar="FILE")
+    argument("video", "--video", metavar="FILE")
     argument("choices", "--choices", metavar="A,B,C")
     argument("model", "--model", metavar="REPO")
     argument("max_new_tokens", "--max-new-tokens", type=int, default=32, metavar="N")
