@@ -1109,25 +1109,26 @@ def create_app(backend, settings: ServeSettings, keys: ApiKeys | None = None):
             formatter.take(event)
         return JSONResponse(formatter.response(), headers=_replica_header(first))
 
+    async def admitted(request: Request, schema):
+        """The request's body, once its key, its fields and its memory have passed (401, 413/400, 404 otherwise)."""
+        entry = authorize(request)
+        body = await parse(request, schema)
+        memory_name(body.model, entry)
+        return body
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        entry = authorize(request)
-        body = await parse(request, Completion)
-        memory_name(body.model, entry)
+        body = await admitted(request, Completion)
         return await answer(request, _generation_job(body, settings, chat=False), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        entry = authorize(request)
-        body = await parse(request, Chat)
-        memory_name(body.model, entry)
+        body = await admitted(request, Chat)
         return await answer(request, _generation_job(body, settings, chat=True), chat=True)
 
     @app.post("/v1/score")
     async def score(request: Request):
-        entry = authorize(request)
-        body = await parse(request, Score)
-        memory_name(body.model, entry)
+        body = await admitted(request, Score)
         job = _score_job(body, settings)
         ticket = await backend.submit(job)
         accepted = await ticket.__anext__()
