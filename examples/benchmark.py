@@ -293,6 +293,40 @@ def fold_split(split_dir: Path) -> dict:
     return record
 
 
+def merge_records(source: Path, target: Path) -> list[tuple[str, str, str]]:
+    """Adds the methods measured in another benchmark directory `source` (a run with its own `--out`, on the same
+    splits) to the records of `target`, as an `--add` run would have: per split on record in both (the same queries,
+    checked), the methods `target` lacks, and an `added` entry naming them with that run's `full` and `zero-shot`
+    (their build ÷ prefill and latency are measured against those). Returns `(model, task, split)` of each split
+    merged. Lets parts of a benchmark run side by side, each in its own directory."""
+    merged = []
+    for path in sorted((source / RECORDS).glob("*.jsonl.gz")):
+        model = path.name[:-len(".jsonl.gz")]
+        destination = records_path(target, model)
+        with _records_lock(destination):
+            records = {(r["task"], r["split"]): r for r in read_records(destination)}
+            for record in read_records(path):
+                key = (record["task"], record["split"])
+                if key not in records or record["split"].startswith("screen-"):
+                    continue
+                own = records[key]
+                if own["answers"] != record["answers"]:
+                    raise ValueError(f"{source}: {model}/{key[0]}/{key[1]} holds other queries than {target}'s record")
+                new = [label for label in record["methods"] if label not in own["methods"]]
+                if not new:
+                    continue
+                own["methods"].update({label: record["methods"][label] for label in new})
+                references = {label: {key_: record["methods"][label][key_]} for label, key_ in RUN_REFERENCES.items()
+                              if key_ in record["methods"].get(label, {})}
+                own.setdefault("added", []).append({
+                    "methods": new, "rebuilt": [label for label in record["methods"] if label not in new],
+                    "dir": f"merged from {source.name}", "machine": record.get("machine"),
+                    "date": datetime.date.today().isoformat(), "references": references})
+                merged.append((model, *key))
+            write_records(destination, list(records.values()))
+    return merged
+
+
 def fold_splits(out: Path) -> list[Path]:
     """Folds every split working directory under `out` (`OUT/<model>/<task>/<split>/results.json`) into the records;
     returns the directories folded."""
@@ -351,10 +385,10 @@ def is_memory_label(label: str) -> bool:
 
 
 def is_target_label(label: str) -> bool:
-    """The memories issue 9's targets are about: `default`, and `default[budget=F]` (the default with its kept share
-    capped, for the target at ≤ 10 % kept)."""
+    """The memories the targets are about: `user` (issue 40: the default path as a user gets it), `default`, and
+    `default[budget=F]` (the default with its kept share capped, for the target at ≤ 10 % kept)."""
     spec = evaluate_memory.parse_methods(label)[0]
-    return spec.name == "default" and is_memory_label(label) and set(spec.params) <= {"budget"}
+    return spec.name in ("default", "user") and is_memory_label(label) and set(spec.params) <= {"budget"}
 
 
 def references(label: str) -> tuple[str, str]:
@@ -1004,19 +1038,20 @@ def plot_model(out: Path, model: str, data: dict) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-BEST_PRESS = "best press@default"  # the kvpress press at the default's kept share with the highest retained gain
+BEST_PRESS = "best press@user"  # the kvpress press at the user path's kept share with the highest retained gain
 # (label or BEST_PRESS, shown for every model (a row that is not on record says so) or only where on record)
-HEADLINE_ROWS = (("zero-shot", True), ("full", True), ("default", True), ("default+calibrate", True), ("emloc", True),
-                 (BEST_PRESS, True), ("default+retrieve@8", True), ("rices[k=8]", False), ("lora", False))
+HEADLINE_ROWS = (("zero-shot", True), ("full", True), ("user", True), ("default", True), ("default+calibrate", True),
+                 ("default+retrieve@8", True), ("emloc", True), (BEST_PRESS, True), ("rices[k=8]", False),
+                 ("lora", False))
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
 def headline_label(summary: dict, row: str) -> str | None:
     """The summary label a headline row shows: the label itself; for `lora` the first LoRA label; for `BEST_PRESS`
-    the press `X@default` (as scored) with the highest retained gain. None where the summary has none."""
+    the press `X@user` (as scored or calibrated) with the highest retained gain. None where the summary has none."""
     if row == BEST_PRESS:
         presses = [label for label, entry in summary.items() if entry.get("retained_gain") is not None
-                   and re.fullmatch(rf"({'|'.join(evaluate_memory.KVPRESS_PRESSES)})@default", label)]
+                   and re.fullmatch(rf"({'|'.join(evaluate_memory.KVPRESS_PRESSES)})@user(\+calibrate)?", label)]
         return max(presses, key=lambda label: summary[label]["retained_gain"]) if presses else None
     if row == "lora":
         return next((label for label in summary if method_family(label) == "lora"), None)
@@ -1043,7 +1078,7 @@ def headline_table(models: dict) -> str:
             label = headline_label(summary, row)
             if label is None:
                 if always:
-                    shown = "a kvpress press at the default's share" if row == BEST_PRESS else f"`{row}`"
+                    shown = "a kvpress press at the user path's share" if row == BEST_PRESS else f"`{row}`"
                     lines.append(f"| {name} | {shown} | not measured on every reported split | | | |")
                     name = ""
                 continue
@@ -1059,11 +1094,14 @@ def headline_table(models: dict) -> str:
              "(accuracy − zero-shot) / (full − zero-shot) per task, then averaged (`+calibrate`: against the calibrated "
              "zero-shot and full context), with its 95 % paired bootstrap interval (queries resampled within their "
              "split). Kept KV: the memory's share of the full context's KV cache. Build ÷ full prefill: the build's "
-             "time over the full context's prefill in the same run. `default`: `build_memory(demos)`, scored as is; "
-             "`+calibrate`: `score_choices(calibrate=True)`; `emloc`: the paper's rule; `X@default`: the best kvpress "
-             "press measured at the default's kept share; `+retrieve@8`: each query reads its 8 nearest "
-             "demonstrations in the memory. Generated by `examples/benchmark.py --report-only` from "
-             "`benchmarks/records/`; every number, per task, in `benchmarks/report.md`.")
+             "time over the full context's prefill in the same run (`user`: the whole `build_memory` call, its "
+             "certificate and repairs included). `user`: `build_memory(demos)` with every default, asked with "
+             "`score_choices`' defaults (the way its certificate chose) — what a user gets; `default`: the default "
+             "rule without a certificate, scored as is; `+calibrate`: `score_choices(calibrate=True)`; "
+             "`+retrieve@8`: each query reads its 8 nearest demonstrations in the memory; `emloc`: the paper's rule; "
+             "`X@user`: the best kvpress press measured at the user path's kept share. Generated by "
+             "`examples/benchmark.py --report-only` from `benchmarks/records/`; every number, per task, in "
+             "`benchmarks/report.md`.")
     lines += ["", textwrap.fill(notes, width=120, break_long_words=False, break_on_hyphens=False)]
     return "\n".join(lines) + "\n"
 
@@ -1238,6 +1276,9 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="rerun splits whose results.json exists")
     parser.add_argument("--add", action="store_true",
                         help="run only the methods an existing split lacks (with what they need) and add them to it")
+    parser.add_argument("--merge-from", default=None, metavar="DIR",
+                        help="add the methods measured in another benchmark directory (its own --out, same splits) to "
+                             "these records, as --add would have, then rebuild the report")
     parser.add_argument("--redo", action="store_true",
                         help="with --add: measure --methods again on existing splits, replacing their records (the old "
                              "ones are kept under `replaced` in the split's results.json), e.g. after a change in how "
@@ -1285,7 +1326,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     order = requested_methods(args)  # the report's rows: the same with or without the kvpress side venv
-    if not args.report_only:
+    if args.merge_from:
+        for model, task, split in merge_records(Path(args.merge_from), out):
+            print(f"[merged] {model}/{task}/{split}", flush=True)
+    if not args.report_only and not args.merge_from:
         methods = method_list(args)
         for model in [m for m in args.models.split(",") if m]:
             key = model_key(model)

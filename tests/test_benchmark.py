@@ -487,8 +487,9 @@ def test_a_split_folds_into_one_record_line_and_the_report_needs_nothing_else(tm
 
 
 def test_headline_table_shows_the_rows_a_user_compares(synthetic):
-    """`headline.md`: per model zero-shot, full, the default (as scored, calibrated), the paper's rule, the best press at
-    the default's share, retrieval — those not on record say so — with the retained gain's interval over tasks."""
+    """`headline.md`: per model zero-shot, full, the user path, the default (as scored, calibrated, with retrieval), the
+    paper's rule, the best press at the user path's share — those not on record say so — with the retained gain's
+    interval over tasks."""
     import benchmark
 
     out, _ = synthetic
@@ -503,16 +504,19 @@ def test_headline_table_shows_the_rows_a_user_compares(synthetic):
     assert rows["`zero-shot`"].startswith("| SmolLM2-135M-Instruct | `zero-shot` |")  # the model on its first row
     assert rows["`default`"] == (f"|  | `default` | {summary['default']['accuracy']['estimate']:.3f} "
                                  f"| {gain['estimate']:.0%} [{gain['low']:.0%}, {gain['high']:.0%}] | 20.0% | 5.0× |")
-    assert "`kvzip@default`" in rows and "| `emloc` |" in rows["`emloc`"]  # the only press on every split
+    assert "| `emloc` |" in rows["`emloc`"]
     assert rows["`default+calibrate`"].endswith("| not measured on every reported split | | | |")
+    assert rows["`user`"].endswith("| not measured on every reported split | | | |")  # the synthetic run has none
+    assert rows["a kvpress press at the user path's share"].endswith("| not measured on every reported split | | | |")
     assert rows["`zero-shot`"].endswith("| - | 0.0% | - |") and rows["`rices[k=8]`"].endswith("| 10.0% | - |")
     assert "`lora[epochs=5;learning_rate=0.002]`" in rows and "`random@default`" not in rows
-    with_presses = {"snapkv@default": {"retained_gain": 0.5}, "kvzip@default": {"retained_gain": 0.8},
-                    "random@default": {"retained_gain": 0.9}, "kvzip@default+calibrate": {"retained_gain": 0.95},
-                    "snapkv@0.1": {"retained_gain": 0.99}, "lora[epochs=5]": {"retained_gain": 0.7}}
-    assert benchmark.headline_label(with_presses, benchmark.BEST_PRESS) == "kvzip@default"
+    with_presses = {"snapkv@user": {"retained_gain": 0.5}, "kvzip@user": {"retained_gain": 0.8},
+                    "random@user": {"retained_gain": 0.9}, "snapkv@user+calibrate": {"retained_gain": 0.85},
+                    "kvzip@default": {"retained_gain": 0.95}, "snapkv@0.1": {"retained_gain": 0.99},
+                    "lora[epochs=5]": {"retained_gain": 0.7}}
+    assert benchmark.headline_label(with_presses, benchmark.BEST_PRESS) == "snapkv@user+calibrate"
     assert benchmark.headline_label(with_presses, "lora") == "lora[epochs=5]"
-    assert benchmark.headline_label({"random@default": {"retained_gain": 0.9}}, benchmark.BEST_PRESS) is None
+    assert benchmark.headline_label({"random@user": {"retained_gain": 0.9}}, benchmark.BEST_PRESS) is None
 
 
 def test_the_readme_embeds_the_generated_headline_table():
@@ -530,3 +534,31 @@ def test_the_readme_embeds_the_generated_headline_table():
     assert embedded.strip("\n") == headline.strip("\n"), "README.md: paste benchmarks/headline.md between the markers"
     models = json.loads((root / "benchmarks" / "results.json").read_text())["models"]
     assert headline == benchmark.headline_table(models), "benchmarks/headline.md: run examples/benchmark.py --report-only"
+
+
+def test_methods_run_in_another_directory_merge_into_the_records_as_an_added_run(tmp_path):
+    """`--merge-from DIR`: the methods a split's record lacks come in with an `added` entry whose references are that
+    run's `full` and `zero-shot`; what the record has stays; other queries are refused."""
+    import benchmark
+
+    def record(methods, answers=("a", "b")):
+        return {"task": "iris", "split": "seed1", "seed": 1, "answers": list(answers), "machine": "m",
+                "methods": {label: {"accuracy": 0.5, **extra} for label, extra in methods.items()}}
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    benchmark.write_records(benchmark.records_path(here, "tiny"), [record({"full": {"build_seconds": 1.0}, "user": {}})])
+    benchmark.write_records(benchmark.records_path(there, "tiny"), [record({
+        "full": {"build_seconds": 2.0}, "zero-shot": {"query_seconds_mean": 0.1}, "user": {"accuracy": 0.9},
+        "snapkv@user": {}})])
+    assert benchmark.merge_records(there, here) == [("tiny", "iris", "seed1")]
+    [merged] = benchmark.read_records(benchmark.records_path(here, "tiny"))
+    assert set(merged["methods"]) == {"full", "user", "snapkv@user", "zero-shot"}
+    assert merged["methods"]["user"] == {"accuracy": 0.5} and merged["methods"]["full"]["build_seconds"] == 1.0
+    [added] = merged["added"]
+    assert added["methods"] == ["zero-shot", "snapkv@user"]
+    assert added["references"] == {"full": {"build_seconds": 2.0}, "zero-shot": {"query_seconds_mean": 0.1}}
+    assert benchmark.same_run_methods(merged)["snapkv@user"]["full"]["build_seconds"] == 2.0
+    assert benchmark.merge_records(there, here) == []  # nothing left to add
+    benchmark.write_records(benchmark.records_path(there, "tiny"), [record({"new": {}}, answers=("b", "a"))])
+    with pytest.raises(ValueError, match="other queries"):
+        benchmark.merge_records(there, here)
