@@ -494,7 +494,7 @@ def evaluate(args) -> dict:
 
     # without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join as CPU processes (gloo)
     state = PartialState(cpu=not torch.cuda.is_available())
-    metrics = {"accuracy": load_metric("emloc_accuracy"), "exact_match": load_metric("emloc_exact_match"),
+    metrics = {"accuracy": load_metric("emloc_exact_match", config_name="strict"), "exact_match": load_metric("emloc_exact_match"),
                "fidelity": load_metric("emloc_fidelity")}
     model, processor, base_dir = load_model(args.model, args.template)
     demos, queries = read_jsonl(args.demos), read_jsonl(args.queries)

@@ -1,6 +1,7 @@
 """Load the project's offline `evaluate` metrics (``metrics/<name>/<name>.py``) by path, never from the Hub.
 
-``load_metric("emloc_accuracy")``, ``load_metric("emloc_exact_match")``, ``load_metric("emloc_fidelity")``.
+``load_metric("emloc_exact_match")`` (``config_name="strict"``: accuracy over strings as they are),
+``load_metric("emloc_fidelity")``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""EMLoC exact match: string equality after a light, documented normalisation (an offline `evaluate` metric)."""
+"""EMLoC exact match: string equality after a light, documented normalisation — or, as the configuration `"strict"`,
+without it: accuracy over string answers (an offline `evaluate` metric)."""
 
 import string
 import unicodedata
@@ -21,6 +22,9 @@ normalised reference. Both sides go through `normalize_answer`, which applies, i
 `$ + < = > ^ | ~`) or in a Unicode punctuation category (`P*`, e.g. `« » ¿ 。 — “ ”`).
 Punctuation *inside* the answer is kept (`"3.5"`, `"u.s"`, `"rock-paper"`), as is an article
 glued to punctuation inside the answer (`"a,b"`). No accent folding or number normalisation.
+
+The configuration `"strict"` (`evaluate.load(path, "strict")`) compares the strings as they are
+(Python `==`: case-, whitespace- and punctuation-sensitive) and reports it as `accuracy`.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -30,12 +34,15 @@ Args:
 
 Returns:
     exact_match (`float`): share of queries whose normalised prediction equals the normalised
-        reference, in [0, 1]. 0.0 when there are no queries.
+        reference, in [0, 1]. 0.0 when there are no queries. Under `"strict"`: `accuracy`, the share
+        of predictions equal to their reference as they are.
 
 Examples:
     >>> metric = evaluate.load("/path/to/metrics/emloc_exact_match")
     >>> metric.compute(predictions=["  The Cat. ", "a  dog"], references=["cat", "Dog!"])
     {'exact_match': 1.0}
+    >>> evaluate.load("/path/to/metrics/emloc_exact_match", "strict").compute(predictions=["a", "B"], references=["a", "b"])
+    {'accuracy': 0.5}
 """
 
 _CITATION = ""
@@ -81,7 +88,10 @@ class EmlocExactMatch(evaluate.Metric):
     def _compute(self, predictions, references):
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        strict = self.config_name == "strict"
+        key = "accuracy" if strict else "exact_match"
         if not predictions:
-            return {"exact_match": 0.0}
-        hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-        return {"exact_match": float(hits / len(predictions))}
+            return {key: 0.0}
+        form = str if strict else normalize_answer
+        hits = sum(form(p) == form(r) for p, r in zip(predictions, references))
+        return {key: float(hits / len(predictions))}
