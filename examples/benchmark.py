@@ -1129,17 +1129,29 @@ def sample():
     while building[0]:
         peak[0] = max(peak[0], rss_mb()); time.sleep(0.02)
 sampler = threading.Thread(target=sample, daemon=True); sampler.start()
-spec = parse_methods(sys.argv[4])[0]  # a method name, or one with options: `default[reuse=floor]`
-method = {**({} if spec.name == "default" else {"method": spec.name}), **spec.params}
+spec = parse_methods(sys.argv[4])[0]  # a method name, or one with options: `default[relative=none]`
+# `user`: every default of build_memory (the certificate, its repairs, the priors); the others: the rule alone
+method = {**({} if spec.name in ("default", "user") else {"method": spec.name}), **spec.params}
+if spec.name != "user":
+    method = {"calibration_rows": 0, "validation": 0, **method}
 started = time.perf_counter()
-memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), calibration_rows=0, **method)
+memory = model.build_memory(demos, processor=processor, chunk_size=int(sys.argv[5]), **method)
 build = time.perf_counter() - started
 building[0] = False; sampler.join()
-latencies = []
-for query in queries:
-    t = time.perf_counter(); model.score_choices([query], memory=memory, processor=processor); latencies.append(time.perf_counter() - t)
+def seconds_per_query(memory, **options):  # asked one at a time, as the memory's recipe says unless told otherwise
+    latencies = []
+    for query in queries:
+        t = time.perf_counter(); model.score_choices([query], memory=memory, processor=processor, **options)
+        latencies.append(time.perf_counter() - t)
+    return sum(latencies) / len(latencies)
+asked = seconds_per_query(memory)
+zero_shot = seconds_per_query(None)  # the same queries with no memory, in this process: the unit of a query's cost
+retrieved = seconds_per_query(memory, retrieve=8) if memory.retrieval is not None else None
 print(json.dumps({"build_seconds": build, "peak_rss_mb_over_baseline": peak[0] - baseline, "baseline_rss_mb": baseline,
-                  "query_seconds_mean": sum(latencies) / len(latencies), "kept_ratio": memory.stats["totals"]["kept_ratio"],
+                  "query_seconds_mean": asked, "zero_shot_query_seconds_mean": zero_shot,
+                  "retrieve8_query_seconds_mean": retrieved,
+                  "recipe": (memory.stats.get("certificate") or {}).get("recipe"),
+                  "kept_ratio": memory.stats["totals"]["kept_ratio"],
                   "context_tokens": memory.stats["totals"]["full_tokens"], "kept_kv_mb": memory.kv_bytes() / 2**20,
                   "memory_method": memory.stats["method"]["name"], "memory_params": memory.stats["method"]["params"],
                   "chunk_size": int(sys.argv[5]),
