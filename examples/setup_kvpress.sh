@@ -43,7 +43,7 @@ fi
 start=$(date +%s)
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" "${PINS[@]}"
+"$VENV/bin/python" -m pip install --quiet $TORCH_SPEC  # unquoted: a torch and torchvision pair is two words
+"$VENV/bin/python" -m pip install --quiet $TORCH_SPEC "${PINS[@]}"
 check
 echo "made $VENV in $(( $(date +%s) - start ))s"
