@@ -81,7 +81,7 @@ def test_a_certified_build_holds_rows_out_certifies_and_adds_them(tiny, tmp_path
                 "full_accuracy", "rungs", "target", "met", "seconds"):
         assert key in certificate
     assert certificate["rungs"][0]["rung"] == "asked" and set(certificate["rungs"][0]["recipes"]) == \
-        {"scored", "calibrated", "retrieve@4", "retrieve@8", "retrieve@4+calibrated", "retrieve@8+calibrated"}
+        {"scored", "calibrated", "retrieve@8", "retrieve@8+calibrated"}
     assert memory.stats["num_demos"] == 40 and memory.retrieval.num_demos == 40
 
     built = [demos[i] for i in range(40) if i not in held]
