@@ -21,19 +21,19 @@ class EmlocConfig(PreTrainedConfig):
         chunk_size (`int`, *optional*, defaults to 4):
             Demonstrations per chunk.
         probe (`str`, *optional*, defaults to `"self"`):
-            `"self"` probes a chunk with its own demonstrations (as the paper); `"future"`, `"heldout"` and
-            `"self+future"` with others, or with both (`EmlocMethod`).
+            `"self"` probes a chunk with its own demonstrations (as the paper); `"future"` with the demonstrations
+            that follow it (`building_emloc.EmlocMethod`).
         pool_width (`int`, *optional*, defaults to 5):
             Width of the average pool that smooths token importance along the sequence.
         method (`str`, *optional*, defaults to `"emloc-query"`):
             The compression method `build_memory` uses when none is given. `delta`, `ratios` and `probe` above are
-            the settings of `"emloc"`, the paper's rule; `"emloc-query"` brings its own (README, "Why this default").
+            the settings of `"emloc"`, the paper's rule; `"emloc-query"` brings its own (docs/method.md).
         retrieval_layer (`int`, *optional*):
             Memories built by `build_memory` record a retrieval key per demonstration (for `retrieve=k`): its
             rendering as a query, run alone through the decoder layers below this one and mean-pooled; a query's key
             costs the same partial pass. 0 is the input embeddings (no pass). Defaults to half the decoder layers
-            (README, "Retrieval inside the memory": as good as the last layer on the selection split at half the cost,
-            far better than the embeddings).
+            (docs/method.md: nearly as good as the last layer on the selection split at half the cost, far better than
+            the embeddings).
     """
 
     model_type = "emloc"

@@ -151,7 +151,7 @@ def estimate_choice_prior(runner: MemoryRunner, demos, memory: TaskMemory | None
     A context biases a small model towards some answers whatever the question (contextual calibration: Zhao et
     al., 2021; Zhou et al., 2024). A compressed memory can carry a stronger bias than the full context: on the
     benchmark a default memory that answered one class to all 240 queries (0.500) scored 0.738 once its bias was
-    divided out (README, "Calibrated answers"). The prior is estimated on inputs of the task itself: the
+    divided out (docs/method.md, "Asking a memory"). The prior is estimated on inputs of the task itself: the
     questions of up to `rows` demonstrations per set of choices, spread evenly over `demos`, asked of the memory
     as queries (their answers are not used). It is the mean of their distributions over the choices.
 

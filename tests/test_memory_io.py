@@ -36,6 +36,23 @@ def test_round_trip_gives_identical_tensors_and_answers(llama_memory, tmp_path):
     model.delete_memory("iris")
 
 
+def test_a_memory_built_with_a_retired_option_still_loads_and_answers(llama_memory, tmp_path):
+    """Loading reads no build option: a memory whose config records options the library has since retired (as memories
+    built before a3ff755's options left it do) loads, is checked as any other, and answers as it did."""
+    model, processor, memory = llama_memory
+    path = memory.save_pretrained(tmp_path / "old")
+    config = json.loads((path / MEMORY_CONFIG_NAME).read_text())
+    config["method"] = {"name": "emloc-query", "params": {**config["method"]["params"], "rerun": "scored",
+                                                          "reuse": "floor", "probe": "self+future", "layer_group": 3}}
+    (path / MEMORY_CONFIG_NAME).write_text(json.dumps(config))
+    loaded = model.load_memory(path, name="old", processor=processor)
+    assert loaded.stats["method"]["params"]["rerun"] == "scored"
+    queries = queries_for("llama", 2)
+    assert model.score_choices(queries, memory="old", processor=processor) == \
+        model.score_choices(queries, memory=memory, processor=processor)
+    model.delete_memory("old")
+
+
 def test_memory_config_and_card(llama_memory, tmp_path):
     model, _, memory = llama_memory
     path = memory.save_pretrained(tmp_path / "memory")
